@@ -1,0 +1,199 @@
+"""Every knob of a run, in one place.
+
+Defaults are the published HREM recipe (``../shared/docs/hrem-spec.md``); the
+small CPU configs under ``configs/`` override a few of them. A config is three
+plain dataclasses so it can travel as a dict (Ray, JSON, YAML, checkpoints) and
+be rebuilt with unknown keys rejected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key or value that cannot be used."""
+
+
+@dataclass
+class ModelConfig:
+    """Architecture and loss of HREM (spec sections 3-6)."""
+
+    bert_path: str = ""  # folder with config.json + vocab.txt (+ weights when pretrained)
+    img_dim: int = 2048
+    embed_size: int = 1024
+    mlp_hidden: int = 512  # hidden width of the image tower's residual MLP
+    num_heads: int = 16  # heads of every Transformer layer (fragment and instance level)
+    ff_dim: int = 1024
+    dropout: float = 0.1
+    maxk: int = 2  # max-k pooling
+    residual_weight: float = 0.8  # v = w * maxk + (1 - w) * transformer mean
+    # instance-level relation module
+    num_layers_enc: int = 1  # relation depth
+    mask_weight: float = 1.0  # lambda: scale of the relevance attention bias
+    threshold: float = 0.5  # k_B = int(B * threshold) connections per node
+    frag_topk: int = 10  # top-k fragment maxima fed to the cross-modal MLPs
+    frag_min_words: int = 10  # words used per caption: max(len, frag_min_words)
+    kl_weight: float = 10.0
+    warmup: int = 8000  # iterations before the relation module is switched on
+    # base loss
+    loss: str = "trip"  # "trip" (distance-weighted triplet) or "vse" (VSE++ hinge)
+    margin: float = 0.2
+    cutoff: float = 1.7  # distance cut-off of the negative sampler (1.9 on coco)
+    dw_dim: int = 512  # d of the distance-weighted sampler
+    max_violation: bool = True  # VSE++: hardest negative only
+
+    def validate(self) -> None:
+        _check(self.loss in ("trip", "vse"), "model.loss", "must be 'trip' or 'vse'")
+        _check(self.embed_size % self.num_heads == 0, "model.embed_size", "must divide num_heads")
+        _check(0.0 < self.threshold <= 1.0, "model.threshold", "must be in (0, 1]")
+        _check(self.num_layers_enc >= 1, "model.num_layers_enc", "must be >= 1")
+        _check(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+        _check(0.0 <= self.residual_weight <= 1.0, "model.residual_weight", "must be in [0, 1]")
+        _check(self.maxk >= 1 and self.frag_topk >= 1, "model.maxk", "maxk/frag_topk must be >= 1")
+        _check(self.margin >= 0.0, "model.margin", "must be >= 0")
+
+
+@dataclass
+class DataConfig:
+    """Where the precomp features live and how captions become tokens (spec sections 1-2)."""
+
+    data_path: str = "data"
+    dataset: str = "f30k"  # folder <data_path>/<dataset>_precomp
+    train_split: str = "train"
+    val_split: str = "dev"
+    max_tokens: int = 128  # cap on [CLS] + word pieces + [SEP]; the reference has none
+    region_keep: float = 0.8  # training-time region dropout keeps each region with this p
+    word_aug: float = 0.2  # training-time probability that a word is masked/replaced/deleted
+
+    def validate(self) -> None:
+        _check(self.max_tokens >= 3, "data.max_tokens", "must be >= 3")
+        _check(0.0 < self.region_keep <= 1.0, "data.region_keep", "must be in (0, 1]")
+        _check(0.0 <= self.word_aug <= 1.0, "data.word_aug", "must be in [0, 1]")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation recipe (spec section 7)."""
+
+    epochs: int = 30
+    batch_size: int = 128  # global batch: split across workers in distributed runs
+    lr: float = 5e-4
+    bert_lr_factor: float = 0.1
+    relation_lr_factor: float = 1.0
+    weight_decay: float = 1e-4
+    lr_decay_epochs: list[int] = field(default_factory=lambda: [15, 25])
+    lr_decay: float = 0.1
+    grad_clip: float = 2.0
+    seed: int = 0
+    eval_batch_size: int = 128
+    log_every: int = 50  # iterations between progress lines
+
+    def validate(self) -> None:
+        _check(self.epochs >= 1, "train.epochs", "must be >= 1")
+        _check(self.batch_size >= 2, "train.batch_size", "must be >= 2")
+        _check(self.lr > 0, "train.lr", "must be > 0")
+        _check(self.grad_clip > 0, "train.grad_clip", "must be > 0")
+
+
+@dataclass
+class HREMConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> HREMConfig:
+        self.model.validate()
+        self.data.validate()
+        self.train.validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> HREMConfig:
+        """Build from a nested dict; unknown sections or keys are errors, missing ones default."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"config must be a mapping, got {type(d).__name__}")
+        sections = {f.name: f.type for f in dataclasses.fields(cls)}
+        unknown = set(d) - set(sections)
+        if unknown:
+            raise ConfigError(f"unknown config section(s): {', '.join(sorted(unknown))}")
+        cfg = cls()
+        for name, value in d.items():
+            if not isinstance(value, dict):
+                raise ConfigError(f"config section '{name}' must be a mapping")
+            for key, v in value.items():
+                cfg.set(f"{name}.{key}", v)
+        return cfg.validate()
+
+    def set(self, dotted: str, value: Any) -> None:
+        """Set ``section.key`` to ``value`` (a string is parsed as YAML), checking the type."""
+        section_name, _, key = dotted.partition(".")
+        section = getattr(self, section_name, None)
+        if not dataclasses.is_dataclass(section) or not key:
+            raise ConfigError(f"unknown config key '{dotted}' (use section.key, e.g. model.margin)")
+        fields = {f.name: f for f in dataclasses.fields(section)}
+        if key not in fields:
+            raise ConfigError(f"unknown config key '{dotted}'")
+        if isinstance(value, str) and fields[key].type != "str":
+            value = yaml.safe_load(value)
+        setattr(section, key, _coerce(dotted, getattr(section, key), value))
+
+    def override(self, pairs: list[str]) -> HREMConfig:
+        """Apply ``key=value`` strings (the CLI's ``--set``)."""
+        for pair in pairs:
+            key, sep, value = pair.partition("=")
+            if not sep:
+                raise ConfigError(f"--set expects key=value, got '{pair}'")
+            self.set(key.strip(), value.strip())
+        return self.validate()
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> HREMConfig:
+    """Defaults, then a YAML file, then ``key=value`` overrides."""
+    cfg = HREMConfig()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        try:
+            cfg = HREMConfig.from_dict(raw)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+    return cfg.override(overrides or [])
+
+
+def _coerce(key: str, default: Any, value: Any) -> Any:
+    """Check ``value`` against the type of the field's default (ints widen to floats)."""
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(default, list):
+        ok = isinstance(value, list)
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        raise ConfigError(
+            f"config key '{key}' expects {type(default).__name__}, got {value!r}"
+        )
+    return value
+
+
+def _check(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}' {msg}")
