@@ -1,0 +1,108 @@
+"""HREM: two towers for retrieval plus the instance-level relation module for training.
+
+``encode`` runs the towers on a (local) batch; ``hrem_loss`` runs on encodings that may
+have been all-gathered from every worker, so the relation graph and the negatives span
+the global batch (spec section 6, last point).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor, nn
+from transformers import BertModel
+
+from hrem_ray.config import ModelConfig
+from hrem_ray.model.encoders import ImageEncoder, TextEncoder
+from hrem_ray.model.losses import matching_loss
+from hrem_ray.model.relation import InstanceRelation
+
+
+@dataclass
+class Encoded:
+    """Tower outputs of one batch of (image, caption) pairs."""
+
+    v: Tensor  # [B, D] image embeddings, normalised
+    t: Tensor  # [B, D] caption embeddings, normalised
+    regions: Tensor  # [B, N, D] pre-pool image features H
+    words: Tensor  # [B, L, D] pre-pool word features W
+    image_lengths: Tensor  # [B]
+    token_lengths: Tensor  # [B]
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass
+class LossOutput:
+    total: Tensor
+    parts: dict[str, float]  # detached floats, for logging
+
+
+class HREM(nn.Module):
+    def __init__(self, cfg: ModelConfig, bert: BertModel):
+        super().__init__()
+        self.cfg = cfg
+        self.img_enc = ImageEncoder(cfg)
+        self.txt_enc = TextEncoder(cfg, bert)
+        self.relation = InstanceRelation(cfg)
+
+    def embed_images(self, images: Tensor, lengths: Tensor) -> Tensor:
+        return self.img_enc(images, lengths)[0]
+
+    def embed_texts(self, tokens: Tensor, lengths: Tensor) -> Tensor:
+        return self.txt_enc(tokens, lengths)[0]
+
+    def encode(
+        self, images: Tensor, image_lengths: Tensor, tokens: Tensor, token_lengths: Tensor
+    ) -> Encoded:
+        v, regions = self.img_enc(images, image_lengths)
+        t, words = self.txt_enc(tokens, token_lengths)
+        return Encoded(v, t, regions, words, image_lengths, token_lengths)
+
+    def forward(self, batch) -> Encoded:
+        """Encode a ``hrem_ray.data.batches.Batch``."""
+        return self.encode(batch.images, batch.image_lengths, batch.tokens, batch.token_lengths)
+
+
+def relation_active(cfg: ModelConfig, iteration: int) -> bool:
+    """The relation module joins the loss once ``warmup`` iterations have run."""
+    return iteration >= cfg.warmup
+
+
+def hrem_loss(
+    model: HREM,
+    enc: Encoded,
+    image_ids: Tensor,
+    iteration: int,
+    generator: torch.Generator | None = None,
+) -> LossOutput:
+    """L(v,t) + [after warmup] L(v,t^) + L(v^,t) + L(v^,t^) + kl_weight * KL (spec 6)."""
+    cfg = model.cfg
+
+    def loss(v: Tensor, t: Tensor) -> Tensor:
+        return matching_loss(v, t, image_ids, cfg, generator)
+
+    base = loss(enc.v, enc.t)
+    if not relation_active(cfg, iteration):
+        return LossOutput(base, {"loss": base.item(), "base": base.item()})
+    rel = model.relation(enc.v, enc.t, enc.regions, enc.words, enc.token_lengths)
+    terms = {
+        "base": base,
+        "v_that": loss(enc.v, rel.t_hat),
+        "vhat_t": loss(rel.v_hat, enc.t),
+        "vhat_that": loss(rel.v_hat, rel.t_hat),
+        "kl": cfg.kl_weight * rel.kl,
+    }
+    total = sum(terms.values())
+    parts = {"loss": total.item(), **{k: v.item() for k, v in terms.items()}}
+    return LossOutput(total, parts)
+
+
+def build_model(cfg: ModelConfig, *, pretrained: bool = True) -> HREM:
+    """HREM with its BERT from ``cfg.bert_path`` (pretrained weights, or random from config)."""
+    from hrem_ray.backbone import build_bert
+
+    cfg.validate()
+    return HREM(cfg, build_bert(cfg.bert_path, pretrained=pretrained))

@@ -1,0 +1,46 @@
+"""Shared fixtures: a tiny random BERT, a small model config, the Ray environment."""
+
+from __future__ import annotations
+
+import os
+
+# Set before anything can start Ray (see ../shared/docs/ray-notes.md).
+for _key, _value in {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}.items():
+    os.environ.setdefault(_key, _value)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from hrem_ray.backbone import write_tiny_bert  # noqa: E402
+from hrem_ray.config import ModelConfig  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> str:
+    """A 2-layer, hidden-32 random BERT with the real bert-base-uncased vocabulary."""
+    return str(write_tiny_bert(tmp_path_factory.mktemp("tiny_bert")))
+
+
+@pytest.fixture
+def small_cfg(tiny_bert) -> ModelConfig:
+    """Spec architecture at toy width; dropout off so outputs are deterministic."""
+    return ModelConfig(
+        bert_path=tiny_bert,
+        img_dim=24,
+        embed_size=32,
+        mlp_hidden=16,
+        ff_dim=32,
+        num_heads=4,
+        dropout=0.0,
+        warmup=0,
+    )
