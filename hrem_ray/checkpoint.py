@@ -1,0 +1,168 @@
+"""The one checkpoint format of hrem-ray: a folder, written atomically, loaded without pickle.
+
+    CKPT/
+      model.safetensors   every weight of HREM (towers and relation module)
+      config.json         format version, code version, the full run config, metadata
+      backbone/           BERT config + tokenizer files: rebuilds the text tower offline
+      train_state.pt      optional: optimizer, schedule, RNG, epoch, iteration (for resume);
+                          tensors and plain containers only, read with weights_only=True
+
+A folder (rather than one file) is what Ray Train checkpoints are, so a checkpoint
+reported to Ray is exactly what ``hrem-ray eval`` and Ray Serve load.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from hrem_ray import __version__
+from hrem_ray.backbone import copy_backbone_files
+from hrem_ray.config import HREMConfig
+from hrem_ray.model import HREM, build_model
+
+FORMAT = "hrem-ray-checkpoint"
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+META = "config.json"
+BACKBONE = "backbone"
+TRAIN_STATE = "train_state.pt"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that is missing, incomplete or of another format."""
+
+
+@dataclass
+class Checkpoint:
+    model: HREM
+    config: HREMConfig  # model.bert_path points at the checkpoint's backbone/ folder
+    meta: dict[str, Any]
+    path: Path
+
+    @property
+    def backbone_dir(self) -> Path:
+        return self.path / BACKBONE
+
+
+def code_version() -> dict[str, str]:
+    """Package version and, when run from a git checkout, the commit."""
+    version = {"hrem_ray": __version__, "torch": torch.__version__}
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+        if commit.returncode == 0:
+            version["git_commit"] = commit.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return version
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: HREM,
+    config: HREMConfig,
+    *,
+    meta: dict[str, Any] | None = None,
+    train_state: dict[str, Any] | None = None,
+) -> Path:
+    """Write a checkpoint folder; readers never see a half-written one.
+
+    Everything goes to a temporary sibling folder that is renamed into place at the end;
+    an existing checkpoint at ``path`` is replaced only once the new one is complete.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": FORMAT})
+        copy_backbone_files(config.model.bert_path, tmp / BACKBONE)
+        record = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "code": code_version(),
+            "config": config.to_dict(),
+            "meta": meta or {},
+        }
+        (tmp / META).write_text(json.dumps(record, indent=2, default=str))
+        if train_state is not None:
+            torch.save(train_state, tmp / TRAIN_STATE)
+        _replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.rename(dst, old)
+        os.rename(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(src, dst)
+
+
+def read_record(path: str | Path) -> dict[str, Any]:
+    """The checkpoint's config.json, after checking that the folder is a complete checkpoint."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint not found: {path} (expected a folder)")
+    for name in (META, WEIGHTS, f"{BACKBONE}/config.json", f"{BACKBONE}/vocab.txt"):
+        if not (path / name).is_file():
+            raise CheckpointError(f"checkpoint {path} is incomplete: missing {name}")
+    try:
+        record = json.loads((path / META).read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path / META}: not valid JSON ({e})") from None
+    if record.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not an {FORMAT} (format={record.get('format')!r})")
+    if record.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has format version {record['format_version']}; "
+            f"this hrem-ray reads up to {FORMAT_VERSION}: upgrade hrem-ray"
+        )
+    return record
+
+
+def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu") -> Checkpoint:
+    """Rebuild the model from a checkpoint folder, in eval mode, on ``device``."""
+    path = Path(path)
+    record = read_record(path)
+    config = HREMConfig.from_dict(record["config"])
+    config.model.bert_path = str(path / BACKBONE)
+    model = build_model(config.model, pretrained=False)
+    state = load_file(str(path / WEIGHTS), device="cpu")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path / WEIGHTS} does not match the model its config describes: "
+            f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        )
+    return Checkpoint(model.to(device).eval(), config, record.get("meta", {}), path)
+
+
+def load_train_state(path: str | Path) -> dict[str, Any] | None:
+    """Optimizer/schedule/RNG state for resuming, or None when the checkpoint has none."""
+    file = Path(path) / TRAIN_STATE
+    if not file.is_file():
+        return None
+    return torch.load(file, map_location="cpu", weights_only=True)
