@@ -52,9 +52,13 @@ def read_authors_file(src: str | Path) -> dict[str, Any]:
     except Exception as e:  # noqa: BLE001 - any unpickling failure is a refusal
         raise AuthorsCheckpointError(f"{src}: refused to load ({type(e).__name__}: {e})") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("model"), (list, tuple)):
-        raise AuthorsCheckpointError(f"{src}: expected a dict with 'model' = [image, text] state dicts")
+        raise AuthorsCheckpointError(
+            f"{src}: expected a dict with 'model' = [image, text] state dicts"
+        )
     if len(raw["model"]) < 2:
-        raise AuthorsCheckpointError(f"{src}: 'model' holds {len(raw['model'])} state dicts, expected 2")
+        raise AuthorsCheckpointError(
+            f"{src}: 'model' holds {len(raw['model'])} state dicts, expected 2"
+        )
     return raw
 
 
@@ -78,7 +82,9 @@ def config_from_authors(raw: dict[str, Any], bert_path: str | Path) -> HREMConfi
         cfg.model.mlp_hidden = img["fc.mlp.layers.0.weight"].shape[0]
         cfg.model.ff_dim = img["aggr.layers.0.linear1.weight"].shape[0]
     except KeyError as e:
-        raise AuthorsCheckpointError(f"image tower state dict lacks {e}: not an HREM checkpoint") from None
+        raise AuthorsCheckpointError(
+            f"image tower state dict lacks {e}: not an HREM checkpoint"
+        ) from None
     opt = raw.get("opt")
     opt = vars(opt) if isinstance(opt, argparse.Namespace) else dict(opt or {})
     for name, key in _OPT_KEYS.items():

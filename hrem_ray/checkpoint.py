@@ -160,6 +160,12 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu") -> 
     return Checkpoint(model.to(device).eval(), config, record.get("meta", {}), path)
 
 
+def load_weights(path: str | Path, model: HREM) -> None:
+    """Load a checkpoint's weights into an existing model (resume), strictly."""
+    read_record(path)
+    model.load_state_dict(load_file(str(Path(path) / WEIGHTS), device="cpu"))
+
+
 def load_train_state(path: str | Path) -> dict[str, Any] | None:
     """Optimizer/schedule/RNG state for resuming, or None when the checkpoint has none."""
     file = Path(path) / TRAIN_STATE

@@ -188,9 +188,7 @@ def _coerce(key: str, default: Any, value: Any) -> Any:
     else:
         ok = isinstance(value, str)
     if not ok:
-        raise ConfigError(
-            f"config key '{key}' expects {type(default).__name__}, got {value!r}"
-        )
+        raise ConfigError(f"config key '{key}' expects {type(default).__name__}, got {value!r}")
     return value
 
 

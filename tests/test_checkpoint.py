@@ -40,7 +40,9 @@ def embeddings(model, seed=0):
 def test_round_trip_gives_identical_embeddings(cfg, tmp_path):
     model = build_model(cfg.model, pretrained=False).eval()
     train_state = {"epoch": 3, "iteration": 42, "rng": torch.get_rng_state(), "opt": {"lr": 0.1}}
-    path = save_checkpoint(tmp_path / "ck", model, cfg, meta={"rsum": 12.5}, train_state=train_state)
+    path = save_checkpoint(
+        tmp_path / "ck", model, cfg, meta={"rsum": 12.5}, train_state=train_state
+    )
     loaded = load_checkpoint(path)
     for a, b in zip(embeddings(model), embeddings(loaded.model), strict=True):
         assert torch.equal(a, b)
@@ -96,7 +98,9 @@ def authors_state(model):
 def test_import_authors_checkpoint(cfg, tmp_path, tiny_bert):
     cfg.model.num_heads = 16  # the released runs' head count; it is not in the weights
     model = build_model(cfg.model, pretrained=False).eval()
-    opt = argparse.Namespace(margin=0.3, mask_weight=1.5, num_layers_enc=2, data_name="coco_precomp")
+    opt = argparse.Namespace(
+        margin=0.3, mask_weight=1.5, num_layers_enc=2, data_name="coco_precomp"
+    )
     src = tmp_path / "model_best.pth"
     torch.save(
         {"model": authors_state(model), "opt": opt, "epoch": 7, "best_rsum": 500.1, "Eiters": 9},

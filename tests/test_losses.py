@@ -86,7 +86,9 @@ def test_sampler_follows_weights_and_skips_empty_rows():
 def test_triplet_from_samples_is_a_plain_sum():
     s = torch.randn(5, 5)
     a, p, n = torch.tensor([0, 1, 4]), torch.tensor([0, 1, 4]), torch.tensor([2, 3, 0])
-    want = sum(max(0.0, 0.3 + float(s[x, z]) - float(s[x, y])) for x, y, z in zip(a, p, n))
+    want = sum(
+        max(0.0, 0.3 + float(s[x, z]) - float(s[x, y])) for x, y, z in zip(a, p, n, strict=True)
+    )
     assert triplet_from_samples(s, a, p, n, 0.3).item() == pytest.approx(want, rel=1e-6)
 
 

@@ -153,7 +153,9 @@ def test_intra_relevance_and_kl_match_naive():
         for row in range(p_logits.shape[0]):
             p = torch.softmax(p_logits[row], 0)
             q = torch.softmax(q_logits[row], 0)
-            total += sum(pi * math.log(pi / qi) for pi, qi in zip(p.tolist(), q.tolist()))
+            total += sum(
+                pi * math.log(pi / qi) for pi, qi in zip(p.tolist(), q.tolist(), strict=True)
+            )
         return total / p_logits.shape[0]
 
     g = torch.tensor([[math.exp(-(v[i] - t[j]).norm().item()) for j in range(4)] for i in range(4)])
@@ -166,7 +168,9 @@ def test_relation_mask_and_fusion(small_cfg):
     rel = InstanceRelation(small_cfg).eval()
     assert all(
         torch.equal(a, b)
-        for a, b in zip(rel.mlp_t2i.state_dict().values(), rel.mlp_i2t.state_dict().values())
+        for a, b in zip(
+            rel.mlp_t2i.state_dict().values(), rel.mlp_i2t.state_dict().values(), strict=True
+        )
     )
     b, d = 6, small_cfg.embed_size
     v, t = F.normalize(torch.randn(b, d), dim=1), F.normalize(torch.randn(b, d), dim=1)

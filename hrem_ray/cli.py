@@ -1,0 +1,278 @@
+"""``hrem-ray``: one command line over the library's plain functions.
+
+Each sub-command parses arguments and calls one function; errors a user can fix (bad
+arguments, missing or malformed files) end in a one-line message and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+# One line per problem a user can fix; anything else is a bug and keeps its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temporary sibling and rename, so ``path`` is never half-written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def cmd_synth(a: argparse.Namespace) -> None:
+    from hrem_ray.data.synth import write_synthetic
+
+    folder = write_synthetic(
+        a.out, dataset=a.dataset, train_images=a.train_images, dev_images=a.dev_images,
+        test_images=a.test_images, regions=a.regions, dim=a.dim, seed=a.seed, progress=_log,
+    )  # fmt: skip
+    _log(f"wrote {folder}")
+
+
+def cmd_tiny_bert(a: argparse.Namespace) -> None:
+    from hrem_ray.backbone import write_tiny_bert
+
+    _log(f"wrote {write_tiny_bert(a.out, hidden=a.hidden, layers=a.layers, seed=a.seed)}")
+
+
+def _config(a: argparse.Namespace):
+    from hrem_ray.backbone import default_bert_path
+    from hrem_ray.config import load_config
+
+    sets = list(getattr(a, "set", None) or [])
+    for flag, key in (
+        ("data_path", "data.data_path"),
+        ("dataset", "data.dataset"),
+        ("bert_path", "model.bert_path"),
+        ("epochs", "train.epochs"),
+        ("batch_size", "train.batch_size"),
+        ("seed", "train.seed"),
+    ):
+        value = getattr(a, flag, None)
+        if value is not None:
+            sets.append(f"{key}={value}")
+    cfg = load_config(getattr(a, "config", None), sets)
+    if not cfg.model.bert_path:
+        cfg.model.bert_path = default_bert_path()
+    return cfg
+
+
+def cmd_init_checkpoint(a: argparse.Namespace) -> None:
+    import torch
+
+    from hrem_ray.checkpoint import save_checkpoint
+    from hrem_ray.model import build_model
+
+    cfg = _config(a)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model, pretrained=not a.random_bert)
+    meta = {"initialised": True, "bert_pretrained": not a.random_bert}
+    _log(f"wrote {save_checkpoint(a.out, model, cfg, meta=meta)}")
+
+
+def cmd_import_checkpoint(a: argparse.Namespace) -> None:
+    from hrem_ray.authors_import import import_authors_checkpoint
+
+    _log(f"wrote {import_authors_checkpoint(a.src, a.bert_path, a.out)}")
+
+
+def _load(checkpoint: str, device: str):
+    from hrem_ray.checkpoint import load_checkpoint
+    from hrem_ray.data.tokenize import CaptionTokenizer
+
+    ck = load_checkpoint(checkpoint, device=device)
+    tokenizer = CaptionTokenizer.from_dir(ck.backbone_dir, max_tokens=ck.config.data.max_tokens)
+    return ck, tokenizer
+
+
+def cmd_embed(a: argparse.Namespace) -> None:
+    from hrem_ray.embed import embed_captions, embed_features
+
+    ck, tokenizer = _load(a.checkpoint, a.device)
+    kw = dict(batch_size=a.batch_size, device=a.device, progress=_log)
+    if a.images:
+        feats = np.load(a.images, mmap_mode="r")
+        embs = embed_features(ck.model, feats, **kw)
+    else:
+        captions = Path(a.captions).read_text(encoding="utf-8").splitlines()
+        embs = embed_captions(ck.model, tokenizer, captions, **kw)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.save(f, embs)
+
+    _write_atomic(Path(a.out), write)
+    _log(f"wrote {a.out}: {embs.shape[0]} x {embs.shape[1]} float32")
+
+
+def cmd_eval(a: argparse.Namespace) -> None:
+    from hrem_ray.data.precomp import open_split
+    from hrem_ray.eval.evaluate import evaluate_split
+    from hrem_ray.eval.metrics import format_table
+
+    split = open_split(a.data_path, a.dataset, a.split, progress=_log)
+    ck, tokenizer = _load(a.checkpoint, a.device)
+    start = time.perf_counter()
+    result = evaluate_split(
+        ck.model, split, tokenizer, batch_size=a.batch_size, device=a.device,
+        fold5=a.fold5, progress=_log,
+    )  # fmt: skip
+    _log(f"{a.dataset} {a.split} ({time.perf_counter() - start:.1f}s)")
+    _log(format_table(result))
+    if a.fold5:
+        _log("5-fold 1K average:")
+        _log(format_table(result["fold5"]))
+    if a.json:
+        text = json.dumps(result, indent=2)
+        _write_atomic(Path(a.json), lambda tmp: tmp.write_text(text))
+
+
+def cmd_train(a: argparse.Namespace) -> None:
+    from hrem_ray.train.local import train_local
+
+    cfg = _config(a)
+    best = train_local(cfg, Path(a.storage_path) / a.name, resume=a.resume, device=a.device)
+    _log(f"best checkpoint: {best}")
+
+
+def cmd_demo(a: argparse.Namespace) -> None:
+    """Synthetic data -> MiniLM-based model -> a short training -> evaluation, in one go."""
+    from hrem_ray.data.synth import write_synthetic
+
+    out = Path(a.out)
+    data = out / "data"
+    if not (data / "f30k_precomp" / "test_caps.txt").exists():
+        _log("== 1/4 synthetic data")
+        write_synthetic(data, train_images=a.train_images, dev_images=100, test_images=100,
+                        progress=_log)  # fmt: skip
+    common = ["--data-path", str(data), "--dataset", "f30k"]
+    sets = [f"train.epochs={a.epochs}", "train.batch_size=64", "train.log_every=10",
+            "model.warmup=0"]  # fmt: skip
+    _log("== 2/4 fresh model (MiniLM backbone, no training)")
+    main(["init-checkpoint", "--out", str(out / "init"), *_set(sets)])
+    if not (out / "run" / "best").exists():
+        _log("== 3/4 training (single process)")
+        main(["train", *common, "--storage-path", str(out), "--name", "run", *_set(sets)])
+    _log("== 4/4 test-split recall: fresh model vs trained")
+    for name, ckpt in (("fresh", out / "init"), ("trained", out / "run" / "best")):
+        _log(f"-- {name}")
+        main(["eval", "--checkpoint", str(ckpt), *common, "--split", "test",
+              "--json", str(out / f"eval_{name}.json")])  # fmt: skip
+
+
+def _set(pairs: list[str]) -> list[str]:
+    return [x for p in pairs for x in ("--set", p)]
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config (see configs/)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, repeatable")
+    p.add_argument("--bert-path", help="backbone folder (default: offline MiniLM)")
+    p.add_argument("--seed", type=int)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hrem-ray", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="write learnable synthetic data in the precomp format")
+    p.add_argument("--out", required=True)
+    p.add_argument("--dataset", choices=["f30k", "coco"], default="f30k")
+    p.add_argument("--train-images", type=int, default=1000)
+    p.add_argument("--dev-images", type=int, default=100)
+    p.add_argument("--test-images", type=int, default=100)
+    p.add_argument("--regions", type=int, default=36)
+    p.add_argument("--dim", type=int, default=2048)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("tiny-bert", help="write a tiny random BERT (tests, CI)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--hidden", type=int, default=32)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_tiny_bert)
+
+    p = sub.add_parser("init-checkpoint", help="a freshly initialised model as a checkpoint")
+    p.add_argument("--out", required=True)
+    p.add_argument("--random-bert", action="store_true", help="do not load backbone weights")
+    _add_config_flags(p)
+    p.set_defaults(func=cmd_init_checkpoint)
+
+    p = sub.add_parser("import-checkpoint", help="convert the authors' model_best.pth")
+    p.add_argument("src")
+    p.add_argument("--bert-path", required=True, help="the backbone it was trained with")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_import_checkpoint)
+
+    p = sub.add_parser("embed", help="embed region features or captions")
+    p.add_argument("--checkpoint", required=True)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", help=".npy of [n, regions, img_dim] features")
+    src.add_argument("--captions", help="text file, one caption per line")
+    p.add_argument("--out", required=True, help=".npy of [n, D] float32")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("eval", help="R@K, medr, meanr, rsum on a precomp split")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data-path", required=True)
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--split", default="test")
+    p.add_argument("--fold5", action="store_true", help="also the COCO 5-fold 1K average")
+    p.add_argument("--json", help="write the metrics here")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("train", help="train HREM (single process; Ray Train comes next)")
+    p.add_argument("--data-path")
+    p.add_argument("--dataset")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--storage-path", default="runs")
+    p.add_argument("--name", default="hrem")
+    p.add_argument("--resume", action="store_true", help="continue the run named --name")
+    p.add_argument("--device", default="cpu")
+    _add_config_flags(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("demo", help="synthetic data -> train -> evaluate, in one command")
+    p.add_argument("--out", default="work/demo")
+    p.add_argument("--train-images", type=int, default=1000)
+    p.add_argument("--epochs", type=int, default=2)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except USER_ERRORS as e:
+        print(f"hrem-ray {args.command}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,220 @@
+"""The HREM training loop as plain functions.
+
+Nothing here knows about Ray: ``fit`` takes a function that yields an epoch's batches,
+an evaluation function and a reporting callback. The single-process ``hrem-ray train``
+and the Ray Train worker both wrap it; a distributed run passes ``gather`` so the loss
+sees the global batch.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from hrem_ray.config import HREMConfig
+from hrem_ray.data.batches import Batch
+from hrem_ray.model import Encoded, hrem_loss
+from hrem_ray.train.optim import set_epoch_lr
+
+# (local encodings, local image ids) -> (global encodings, global image ids)
+Gather = Callable[[Encoded, Tensor], tuple[Encoded, Tensor]]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class TrainState:
+    """Progress that a resumed run must restore, besides weights and optimizer."""
+
+    epoch: int = 0  # next epoch to run (0-based)
+    iteration: int = 0  # optimizer steps taken (skipped NaN steps not counted)
+    best_rsum: float = -math.inf
+    best_epoch: int = -1
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainState:
+        return cls(**d)
+
+
+@dataclass
+class EpochReport:
+    epoch: int
+    metrics: dict[str, Any]  # train loss parts, throughput, dev metrics ("rsum", ...)
+    is_best: bool
+    state: TrainState
+
+
+def train_step(
+    model: nn.Module,
+    batch: Batch,
+    optimizer: torch.optim.Optimizer,
+    iteration: int,
+    cfg: HREMConfig,
+    *,
+    generator: torch.Generator | None = None,
+    gather: Gather | None = None,
+) -> dict[str, float] | None:
+    """One optimisation step; returns the loss parts, or None when a non-finite loss skipped it.
+
+    ``model`` may be a DDP wrapper; the loss always runs on the bare HREM module.
+    """
+    core = getattr(model, "module", model)
+    model.train()
+    enc = model(batch)
+    image_ids = batch.image_ids
+    if gather is not None:
+        enc, image_ids = gather(enc, image_ids)
+    out = hrem_loss(core, enc, image_ids, iteration, generator)
+    optimizer.zero_grad(set_to_none=True)
+    if not torch.isfinite(out.total):
+        return None
+    out.total.backward()
+    params = [p for p in model.parameters() if p.grad is not None]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
+    optimizer.step()
+    return {**out.parts, "grad_norm": float(grad_norm)}
+
+
+def train_epoch(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    optimizer: torch.optim.Optimizer,
+    state: TrainState,
+    cfg: HREMConfig,
+    *,
+    device: torch.device | str = "cpu",
+    generator: torch.Generator | None = None,
+    gather: Gather | None = None,
+    log: Callable[[str], None] | None = print,
+) -> dict[str, float]:
+    """Run one epoch, advancing ``state.iteration``; returns mean loss parts and timings."""
+    sums: dict[str, float] = {}
+    steps = skipped = samples = 0
+    wait = 0.0
+    start = tick = time.perf_counter()
+    for batch in batches:
+        wait += time.perf_counter() - tick
+        parts = train_step(
+            model, batch.to(device), optimizer, state.iteration, cfg,
+            generator=generator, gather=gather,
+        )  # fmt: skip
+        if parts is None:
+            skipped += 1
+        else:
+            steps += 1
+            state.iteration += 1
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v
+        samples += len(batch)
+        if log and steps and steps % cfg.train.log_every == 0:
+            log(
+                f"epoch {state.epoch} step {steps} iter {state.iteration} "
+                f"loss {sums['loss'] / steps:.4f} ({samples / (time.perf_counter() - start):.1f} "
+                "samples/s)"
+            )
+        tick = time.perf_counter()
+    seconds = time.perf_counter() - start
+    metrics = {f"train_{k}": v / max(steps, 1) for k, v in sums.items()}
+    metrics.update(
+        steps=steps,
+        skipped_steps=skipped,
+        samples_per_s=samples / seconds if seconds > 0 else 0.0,
+        data_wait_frac=wait / seconds if seconds > 0 else 0.0,
+        epoch_seconds=seconds,
+    )
+    return metrics
+
+
+def fit(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    cfg: HREMConfig,
+    *,
+    epoch_batches: Callable[[int], Iterable[Batch]],
+    evaluate: Callable[[nn.Module], dict[str, Any]] | None,
+    report: Callable[[EpochReport], None],
+    state: TrainState | None = None,
+    device: torch.device | str = "cpu",
+    generator: torch.Generator | None = None,
+    gather: Gather | None = None,
+    log: Callable[[str], None] | None = print,
+) -> TrainState:
+    """Train from ``state.epoch`` to ``cfg.train.epochs``, evaluating and reporting each epoch.
+
+    Model selection is on the dev ``rsum`` that ``evaluate`` returns (the authors selected
+    on the test split). ``report`` is where checkpoints get written.
+    """
+    state = state or TrainState()
+    while state.epoch < cfg.train.epochs:
+        epoch = state.epoch
+        factor = set_epoch_lr(optimizer, epoch, cfg.train)
+        metrics = train_epoch(
+            model, epoch_batches(epoch), optimizer, state, cfg,
+            device=device, generator=generator, gather=gather, log=log,
+        )  # fmt: skip
+        metrics["lr_factor"] = factor
+        if evaluate is not None:
+            metrics.update(evaluate(getattr(model, "module", model)))
+        is_best = "rsum" in metrics and metrics["rsum"] > state.best_rsum
+        if is_best:
+            state.best_rsum, state.best_epoch = float(metrics["rsum"]), epoch
+        state.epoch = epoch + 1
+        state.history.append({"epoch": epoch, **_scalars(metrics)})
+        if log:
+            log(_epoch_line(epoch, cfg.train.epochs, metrics, is_best))
+        report(EpochReport(epoch, metrics, is_best, state))
+    return state
+
+
+def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
+def _epoch_line(epoch: int, epochs: int, m: dict[str, Any], is_best: bool) -> str:
+    line = f"epoch {epoch + 1}/{epochs}: loss {m.get('train_loss', float('nan')):.4f}"
+    line += f", {m['samples_per_s']:.1f} samples/s, {m['epoch_seconds']:.1f}s"
+    if "rsum" in m:
+        line += f", dev rsum {m['rsum']:.2f}" + (" (best)" if is_best else "")
+    return line
+
+
+def train_state_dict(
+    optimizer: torch.optim.Optimizer, state: TrainState, generator: torch.Generator | None
+) -> dict[str, Any]:
+    """Everything besides the weights that resuming needs; tensors and plain containers only,
+    so it loads with ``torch.load(weights_only=True)``."""
+    rng = {"torch": torch.get_rng_state()}
+    if generator is not None:
+        rng["sampler"] = generator.get_state()
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    return {"optimizer": optimizer.state_dict(), "state": state.to_dict(), "rng": rng}
+
+
+def restore_train_state(
+    saved: dict[str, Any], optimizer: torch.optim.Optimizer, generator: torch.Generator | None
+) -> TrainState:
+    optimizer.load_state_dict(saved["optimizer"])
+    rng = saved["rng"]
+    torch.set_rng_state(rng["torch"])
+    if generator is not None and "sampler" in rng:
+        generator.set_state(rng["sampler"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return TrainState.from_dict(saved["state"])
