@@ -15,6 +15,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from transformers import BertConfig, BertModel  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+# The load report (e.g. "pooler UNEXPECTED": HREM drops the pooler on purpose) and
+# weight-loading bars are noise in job logs.
+hf_logging.set_verbosity_error()
+hf_logging.disable_progress_bar()
 
 # Files that, with the weights stored in our checkpoint, rebuild backbone and tokenizer.
 BACKBONE_FILES = ("config.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")

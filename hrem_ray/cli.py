@@ -259,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="synthetic data -> train -> evaluate, in one command")
     p.add_argument("--out", default="work/demo")
-    p.add_argument("--train-images", type=int, default=1000)
+    p.add_argument("--train-images", type=int, default=500)
     p.add_argument("--epochs", type=int, default=2)
     p.set_defaults(func=cmd_demo)
     return parser
