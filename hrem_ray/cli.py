@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+
+from hrem_ray.fileio import write_atomic, write_text_atomic
 
 # One line per problem a user can fix; anything else is a bug and keeps its traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
@@ -23,19 +22,6 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
 
 def _log(msg: str) -> None:
     print(msg, flush=True)
-
-
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary sibling and rename, so ``path`` is never half-written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def cmd_synth(a: argparse.Namespace) -> None:
@@ -120,7 +106,7 @@ def cmd_embed(a: argparse.Namespace) -> None:
         with open(tmp, "wb") as f:
             np.save(f, embs)
 
-    _write_atomic(Path(a.out), write)
+    write_atomic(a.out, write)
     _log(f"wrote {a.out}: {embs.shape[0]} x {embs.shape[1]} float32")
 
 
@@ -142,8 +128,7 @@ def cmd_eval(a: argparse.Namespace) -> None:
         _log("5-fold 1K average:")
         _log(format_table(result["fold5"]))
     if a.json:
-        text = json.dumps(result, indent=2)
-        _write_atomic(Path(a.json), lambda tmp: tmp.write_text(text))
+        write_text_atomic(a.json, json.dumps(result, indent=2))
 
 
 def cmd_train(a: argparse.Namespace) -> None:

@@ -9,6 +9,7 @@ be rebuilt with unknown keys rejected.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,13 +51,19 @@ class ModelConfig:
 
     def validate(self) -> None:
         _check(self.loss in ("trip", "vse"), "model.loss", "must be 'trip' or 'vse'")
-        _check(self.embed_size % self.num_heads == 0, "model.embed_size", "must divide num_heads")
+        _check(
+            self.embed_size % self.num_heads == 0,
+            "model.embed_size",
+            "must be divisible by num_heads",
+        )
         _check(0.0 < self.threshold <= 1.0, "model.threshold", "must be in (0, 1]")
         _check(self.num_layers_enc >= 1, "model.num_layers_enc", "must be >= 1")
         _check(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)")
         _check(0.0 <= self.residual_weight <= 1.0, "model.residual_weight", "must be in [0, 1]")
         _check(self.maxk >= 1 and self.frag_topk >= 1, "model.maxk", "maxk/frag_topk must be >= 1")
         _check(self.margin >= 0.0, "model.margin", "must be >= 0")
+        _check(self.warmup >= 0, "model.warmup", "must be >= 0")
+        _check(self.kl_weight >= 0.0, "model.kl_weight", "must be >= 0")
 
 
 @dataclass
@@ -99,6 +106,15 @@ class TrainConfig:
         _check(self.batch_size >= 2, "train.batch_size", "must be >= 2")
         _check(self.lr > 0, "train.lr", "must be > 0")
         _check(self.grad_clip > 0, "train.grad_clip", "must be > 0")
+        _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        _check(self.lr_decay > 0, "train.lr_decay", "must be > 0")
+        _check(
+            all(isinstance(m, int) and not isinstance(m, bool) for m in self.lr_decay_epochs),
+            "train.lr_decay_epochs",
+            "must be a list of integers",
+        )
+        _check(self.eval_batch_size >= 1, "train.eval_batch_size", "must be >= 1")
+        _check(self.log_every >= 1, "train.log_every", "must be >= 1")
 
 
 @dataclass
@@ -174,6 +190,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg.override(overrides or [])
 
 
+_FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
 def _coerce(key: str, default: Any, value: Any) -> Any:
     """Check ``value`` against the type of the field's default (ints widen to floats)."""
     if isinstance(default, bool):
@@ -181,6 +200,8 @@ def _coerce(key: str, default: Any, value: Any) -> Any:
     elif isinstance(default, int):
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif isinstance(default, float):
+        if isinstance(value, str) and _FLOAT_RE.match(value.strip()):
+            value = float(value)  # YAML 1.1 reads "5e-4" (no dot) as a string
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
     elif isinstance(default, list):

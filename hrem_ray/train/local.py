@@ -16,6 +16,7 @@ from hrem_ray.data.batches import train_batches
 from hrem_ray.data.precomp import open_split
 from hrem_ray.data.tokenize import CaptionTokenizer
 from hrem_ray.eval.evaluate import evaluate_split, flat_metrics
+from hrem_ray.fileio import write_text_atomic
 from hrem_ray.model import build_model
 from hrem_ray.train.loop import (
     EpochReport,
@@ -85,8 +86,9 @@ def train_local(
         save_checkpoint(last, model, cfg, meta=meta, train_state=extra)
         if r.is_best:
             save_checkpoint(run_dir / "best", model, cfg, meta=meta)
-        with (run_dir / "metrics.jsonl").open("a") as f:
-            f.write(json.dumps(r.state.history[-1]) + "\n")
+        # Rewritten from the checkpointed history, so it always agrees with `last`.
+        lines = "".join(json.dumps(h) + "\n" for h in r.state.history)
+        write_text_atomic(run_dir / "metrics.jsonl", lines)
 
     state = fit(
         model, optimizer, cfg, epoch_batches=epoch_batches, evaluate=evaluate, report=report,

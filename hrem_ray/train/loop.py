@@ -122,7 +122,7 @@ def train_epoch(
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v
         samples += len(batch)
-        if log and steps and steps % cfg.train.log_every == 0:
+        if log and parts is not None and steps % cfg.train.log_every == 0:
             log(
                 f"epoch {state.epoch} step {steps} iter {state.iteration} "
                 f"loss {sums['loss'] / steps:.4f} ({samples / (time.perf_counter() - start):.1f} "
