@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from hrem_ray import __version__
@@ -147,11 +148,17 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu") -> 
     """Rebuild the model from a checkpoint folder, in eval mode, on ``device``."""
     path = Path(path)
     record = read_record(path)
+    if not isinstance(record.get("config"), dict):
+        raise CheckpointError(f"{path / META} has no 'config' section")
     config = HREMConfig.from_dict(record["config"])
     config.model.bert_path = str(path / BACKBONE)
     model = build_model(config.model, pretrained=False)
-    state = load_file(str(path / WEIGHTS), device="cpu")
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        state = load_file(str(path / WEIGHTS), device="cpu")
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except (SafetensorError, RuntimeError) as e:
+        msg = str(e).strip().splitlines()[-1].strip()
+        raise CheckpointError(f"{path / WEIGHTS}: unreadable or wrong shapes ({msg})") from None
     if missing or unexpected:
         raise CheckpointError(
             f"{path / WEIGHTS} does not match the model its config describes: "

@@ -90,17 +90,44 @@ def _load(checkpoint: str, device: str):
     return ck, tokenizer
 
 
+def _read_features(path: Path) -> np.ndarray:
+    """Memory-map a .npy; anything else (.npz, pickles, garbage) is a one-line error."""
+    try:
+        feats = np.load(path, mmap_mode="r", allow_pickle=False)
+    except FileNotFoundError:
+        raise
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{path}: not a readable .npy array ({e})") from None
+    if not isinstance(feats, np.ndarray):
+        feats.close()
+        raise ValueError(f"{path}: expected a single .npy array, got {type(feats).__name__}")
+    return feats
+
+
+def _read_lines(path: Path) -> list[str]:
+    """One caption per line, split on newlines only (as the precomp reader does), so that
+    row i of the output is line i + 1 of the file whatever characters a caption holds."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not valid UTF-8 ({e})") from None
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    if not lines:
+        raise ValueError(f"{path}: no captions")
+    return [line.removesuffix("\r") for line in lines]
+
+
 def cmd_embed(a: argparse.Namespace) -> None:
     from hrem_ray.embed import embed_captions, embed_features
 
     ck, tokenizer = _load(a.checkpoint, a.device)
     kw = dict(batch_size=a.batch_size, device=a.device, progress=_log)
     if a.images:
-        feats = np.load(a.images, mmap_mode="r")
-        embs = embed_features(ck.model, feats, **kw)
+        embs = embed_features(ck.model, _read_features(Path(a.images)), **kw)
     else:
-        captions = Path(a.captions).read_text(encoding="utf-8").splitlines()
-        embs = embed_captions(ck.model, tokenizer, captions, **kw)
+        embs = embed_captions(ck.model, tokenizer, _read_lines(Path(a.captions)), **kw)
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
@@ -255,8 +282,14 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args.func(args)
     except USER_ERRORS as e:
-        print(f"hrem-ray {args.command}: error: {e}", file=sys.stderr)
+        print(f"hrem-ray {args.command}: error: {_one_line(e)}", file=sys.stderr)
         sys.exit(2)
+
+
+def _one_line(e: BaseException) -> str:
+    """The error's message on one line (some, e.g. torch's unpickling refusals, span several)."""
+    lines = [line.strip() for line in str(e).splitlines()]
+    return " ".join(line for line in lines if line) or type(e).__name__
 
 
 if __name__ == "__main__":

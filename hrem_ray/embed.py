@@ -16,20 +16,38 @@ from hrem_ray.data.tokenize import CaptionTokenizer
 from hrem_ray.eval.encode import encode
 from hrem_ray.model import HREM
 
+# Rows per finiteness-check read, so a large memory-mapped file is never copied whole.
+CHECK_CHUNK_ROWS = 256
+
 
 def check_features(feats: np.ndarray, img_dim: int, name: str = "features") -> None:
-    """Region features must be [n, regions, img_dim] and finite."""
+    """Region features must be a real [n >= 1, regions >= 1, img_dim] array and finite."""
+    if not isinstance(feats, np.ndarray):
+        raise ValueError(f"{name}: expected one array, got {type(feats).__name__}")
+    if feats.dtype.kind not in "fiu":
+        raise ValueError(f"{name}: expected real numbers, got dtype {feats.dtype}")
     if feats.ndim != 3 or feats.shape[2] != img_dim or feats.shape[1] < 1:
         raise ValueError(f"{name}: expected shape [n, regions, {img_dim}], got {list(feats.shape)}")
-    if not np.isfinite(feats).all():
-        raise ValueError(f"{name}: contains non-finite values")
+    if feats.shape[0] < 1:
+        raise ValueError(f"{name}: no images to embed (shape {list(feats.shape)})")
+    for start in range(0, feats.shape[0], CHECK_CHUNK_ROWS):
+        chunk = np.asarray(feats[start : start + CHECK_CHUNK_ROWS])
+        bad = np.flatnonzero(~np.isfinite(chunk).all(axis=(1, 2)))
+        if bad.size:
+            raise ValueError(f"{name}: row {start + int(bad[0])} contains non-finite values")
+
+
+def check_batch_size(batch_size: int) -> None:
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch size must be a positive integer, got {batch_size!r}")
 
 
 def _feature_batches(
     feats: np.ndarray, batch_size: int
 ) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
     for start in range(0, len(feats), batch_size):
-        chunk = np.ascontiguousarray(feats[start : start + batch_size], dtype=np.float32)
+        # a copy: rows of a read-only memmap must not back a tensor (torch warns, UB on write)
+        chunk = np.array(feats[start : start + batch_size], dtype=np.float32, order="C")
         ids = np.arange(start, start + len(chunk))
         yield ids, torch.from_numpy(chunk), torch.full((len(chunk),), chunk.shape[1])
 
@@ -43,6 +61,7 @@ def embed_features(
     progress: Callable[[str], None] | None = None,
 ) -> np.ndarray:
     """[n, regions, img_dim] region features -> [n, D] float32 L2-normalised, input order."""
+    check_batch_size(batch_size)
     check_features(feats, model.cfg.img_dim)
     model.eval()
     return encode(
@@ -61,6 +80,9 @@ def embed_captions(
     progress: Callable[[str], None] | None = None,
 ) -> np.ndarray:
     """Captions -> [n, D] float32 L2-normalised, input order (no augmentation)."""
+    check_batch_size(batch_size)
+    if len(captions) == 0:
+        raise ValueError("no captions to embed")
     for i, caption in enumerate(captions):
         if not caption.strip():
             raise ValueError(f"caption {i + 1} is empty")

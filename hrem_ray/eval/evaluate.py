@@ -11,7 +11,7 @@ from hrem_ray.data.batches import caption_batches, image_batches
 from hrem_ray.data.precomp import PrecompSplit
 from hrem_ray.data.tokenize import CaptionTokenizer
 from hrem_ray.eval.encode import encode, similarity
-from hrem_ray.eval.metrics import evaluate_fold5, evaluate_sims
+from hrem_ray.eval.metrics import N_FOLDS, evaluate_fold5, evaluate_sims
 from hrem_ray.model import HREM
 
 
@@ -26,6 +26,19 @@ def evaluate_split(
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Spec section 8 metrics; with ``fold5`` also the COCO 5-fold 1K average."""
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch size must be a positive integer, got {batch_size!r}")
+    dim = split.features.shape[-1]
+    if dim != model.cfg.img_dim:
+        raise ValueError(
+            f"{split.ims_path}: features have dimension {dim} but the model expects "
+            f"img_dim={model.cfg.img_dim}"
+        )
+    if fold5 and split.n_images % N_FOLDS:
+        raise ValueError(
+            f"fold5 needs an image count divisible by {N_FOLDS}; "
+            f"{split.caps_path} has {split.n_images} images"
+        )
     was_training = model.training
     model.eval()
     try:
