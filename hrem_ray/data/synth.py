@@ -22,11 +22,12 @@ from pathlib import Path
 import numpy as np
 from numpy.lib.format import open_memmap
 
+from hrem_ray.data.precomp import CAPTIONS_PER_IMAGE
+
 SPLIT_NAMES: dict[str, tuple[str, ...]] = {
     "f30k": ("train", "dev", "test"),
     "coco": ("train", "dev", "test", "testall"),
 }
-CAPTIONS_PER_IMAGE = 5
 
 # ---------------------------------------------------------------------------------------------
 # Lexicon. Every word a caption can contain comes from these tables (see `vocabulary`).
