@@ -13,7 +13,7 @@ import torch
 
 from hrem_ray.data.batches import pad_tokens
 from hrem_ray.data.tokenize import CaptionTokenizer
-from hrem_ray.eval.encode import encode
+from hrem_ray.eval.encode import check_batch_size, encode
 from hrem_ray.model import HREM
 
 # Rows per finiteness-check read, so a large memory-mapped file is never copied whole.
@@ -35,11 +35,6 @@ def check_features(feats: np.ndarray, img_dim: int, name: str = "features") -> N
         bad = np.flatnonzero(~np.isfinite(chunk).all(axis=(1, 2)))
         if bad.size:
             raise ValueError(f"{name}: row {start + int(bad[0])} contains non-finite values")
-
-
-def check_batch_size(batch_size: int) -> None:
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"batch size must be a positive integer, got {batch_size!r}")
 
 
 def _feature_batches(

@@ -13,6 +13,11 @@ from torch import Tensor
 PROGRESS_STEPS = 10
 
 
+def check_batch_size(batch_size: int) -> None:
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch size must be a positive integer, got {batch_size!r}")
+
+
 def encode(
     embed_fn: Callable[[Tensor, Tensor], Tensor],
     batches: Iterable[tuple[np.ndarray, Tensor, Tensor]],

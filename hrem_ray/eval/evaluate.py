@@ -10,7 +10,7 @@ import torch
 from hrem_ray.data.batches import caption_batches, image_batches
 from hrem_ray.data.precomp import PrecompSplit
 from hrem_ray.data.tokenize import CaptionTokenizer
-from hrem_ray.eval.encode import encode, similarity
+from hrem_ray.eval.encode import check_batch_size, encode, similarity
 from hrem_ray.eval.metrics import N_FOLDS, evaluate_fold5, evaluate_sims
 from hrem_ray.model import HREM
 
@@ -26,8 +26,7 @@ def evaluate_split(
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Spec section 8 metrics; with ``fold5`` also the COCO 5-fold 1K average."""
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"batch size must be a positive integer, got {batch_size!r}")
+    check_batch_size(batch_size)
     dim = split.features.shape[-1]
     if dim != model.cfg.img_dim:
         raise ValueError(
