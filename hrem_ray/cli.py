@@ -159,10 +159,21 @@ def cmd_eval(a: argparse.Namespace) -> None:
 
 
 def cmd_train(a: argparse.Namespace) -> None:
-    from hrem_ray.train.local import train_local
-
     cfg = _config(a)
-    best = train_local(cfg, Path(a.storage_path) / a.name, resume=a.resume, device=a.device)
+    if a.local:
+        from hrem_ray.train.local import train_local
+
+        best = train_local(cfg, Path(a.storage_path) / a.name, resume=a.resume, device=a.device)
+    else:
+        from hrem_ray.train.ray_train import RayRunOptions, init_ray, train_ray
+
+        options = RayRunOptions(
+            storage_path=a.storage_path, name=a.name, num_workers=a.num_workers,
+            use_gpu=a.use_gpu, cpus_per_worker=a.cpus_per_worker,
+            max_failures=a.max_failures, resume=a.resume,
+        )  # fmt: skip
+        init_ray(a.address)
+        best = train_ray(cfg, options, log=_log)
     _log(f"best checkpoint: {best}")
 
 
@@ -186,7 +197,8 @@ def cmd_demo(a: argparse.Namespace) -> None:
     main(["init-checkpoint", "--out", str(out / "init"), *_set(sets)])
     if not (out / "run" / "best").exists():
         _log("== 3/4 training (single process)")
-        main(["train", *common, "--storage-path", str(out), "--name", "run", *_set(sets)])
+        main(["train", "--local", *common, "--storage-path", str(out), "--name", "run",
+              *_set(sets)])  # fmt: skip
     _log("== 4/4 test-split recall: fresh model vs trained")
     for name, ckpt in (("fresh", out / "init"), ("trained", out / "run" / "best")):
         _log(f"-- {name}")
@@ -260,15 +272,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("train", help="train HREM (single process; Ray Train comes next)")
+    p = sub.add_parser("train", help="train HREM on Ray Train (or --local: one process)")
     p.add_argument("--data-path")
     p.add_argument("--dataset")
     p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--storage-path", default="runs")
+    p.add_argument("--batch-size", type=int, help="global batch, split across workers")
+    p.add_argument("--storage-path", default="runs", help="local folder, NFS or s3://...")
     p.add_argument("--name", default="hrem")
     p.add_argument("--resume", action="store_true", help="continue the run named --name")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--use-gpu", action="store_true", help="one GPU per worker, NCCL")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--max-failures", type=int, default=2, help="worker-group restarts")
+    p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS or local)")
+    p.add_argument("--local", action="store_true", help="single process, no Ray")
+    p.add_argument("--device", default="cpu", help="with --local: cpu or cuda")
     _add_config_flags(p)
     p.set_defaults(func=cmd_train)
 

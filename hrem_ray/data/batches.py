@@ -6,7 +6,7 @@ the memmap); only light ids move around otherwise.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -75,8 +75,13 @@ def make_batch(
     rng: np.random.Generator | None = None,
     region_keep: float = 0.8,
     word_aug: float = 0.2,
+    tokens: Sequence[Sequence[int]] | None = None,
 ) -> Batch:
-    """Pairs for ``caption_ids``: raw features and tokens, or augmented ones when ``train``."""
+    """Pairs for ``caption_ids``: raw features and tokens, or augmented ones when ``train``.
+
+    ``tokens``, when given, are the captions already encoded (unaugmented), as a Ray Data
+    pipeline delivers them; otherwise the captions are tokenised here.
+    """
     caption_ids = np.asarray(caption_ids, dtype=np.int64)
     if train and rng is None:
         raise ValueError("make_batch(train=True) needs a numpy Generator for augmentation")
@@ -88,10 +93,15 @@ def make_batch(
     else:
         images = torch.from_numpy(feats)
         image_lengths = torch.full((len(feats),), feats.shape[1], dtype=torch.int64)
-    token_lists = [
-        tokenizer.encode(split.captions[c], train=train, rng=rng, word_aug=word_aug)
-        for c in caption_ids.tolist()
-    ]
+    if tokens is None:
+        token_lists = [
+            tokenizer.encode(split.captions[c], train=train, rng=rng, word_aug=word_aug)
+            for c in caption_ids.tolist()
+        ]
+    elif train:
+        token_lists = [tokenizer.augment_ids(t, rng, word_aug) for t in tokens]
+    else:
+        token_lists = [list(t) for t in tokens]
     tokens, token_lengths = pad_tokens(token_lists, tokenizer.pad_id)
     ids = torch.from_numpy(caption_ids.copy())
     return Batch(images, image_lengths, tokens, token_lengths, ids // CAPTIONS_PER_IMAGE, ids)

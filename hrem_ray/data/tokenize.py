@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import unicodedata
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -102,6 +103,9 @@ class CaptionTokenizer:
         self.cls_id = vocab["[CLS]"]
         self.sep_id = vocab["[SEP]"]
         self.mask_id = vocab["[MASK]"]
+        # True for "##" pieces: lets augmentation find word boundaries in encoded ids.
+        self._continuation = np.zeros(max(vocab.values()) + 1, dtype=bool)
+        self._continuation[[i for t, i in vocab.items() if t.startswith("##")]] = True
         self._cache: dict[str, tuple[int, ...]] = {}
 
     @classmethod
@@ -177,14 +181,30 @@ class CaptionTokenizer:
         With ``train`` each word is, with probability ``word_aug``, masked (half of those),
         replaced by random ids (a tenth) or deleted (the rest), whole word at a time.
         """
-        words = [self._pieces(w) for w in self.words(caption)]
+        ids = [i for w in self.words(caption) for i in self._pieces(w)]
+        ids = [self.cls_id, *ids[: self.max_tokens - 2], self.sep_id]
         if train:
             if rng is None:
                 raise ValueError("encode(train=True) needs a numpy Generator for augmentation")
-            ids = self._augment(words, rng, word_aug)
-        else:
-            ids = [i for pieces in words for i in pieces]
-        return [self.cls_id, *ids[: self.max_tokens - 2], self.sep_id]
+            ids = self.augment_ids(ids, rng, word_aug)
+        return ids
+
+    def augment_ids(
+        self, ids: Sequence[int], rng: np.random.Generator, word_aug: float = 0.2
+    ) -> list[int]:
+        """Word augmentation of an encoded caption ([CLS] ... [SEP]).
+
+        Works on ids so that pipelines can tokenise once and augment afresh every epoch:
+        a word is a piece without the "##" prefix and the "##" pieces that follow it.
+        """
+        body = list(ids[1:-1])
+        words: list[tuple[int, ...]] = []
+        for i in body:
+            if words and self._continuation[i]:
+                words[-1] += (i,)
+            else:
+                words.append((i,))
+        return [ids[0], *self._augment(words, rng, word_aug), ids[-1]]
 
     def _augment(
         self, words: list[tuple[int, ...]], rng: np.random.Generator, word_aug: float

@@ -18,6 +18,7 @@ from hrem_ray.data.tokenize import CaptionTokenizer
 from hrem_ray.eval.evaluate import evaluate_split, flat_metrics
 from hrem_ray.fileio import write_text_atomic
 from hrem_ray.model import build_model
+from hrem_ray.train.history import write_history
 from hrem_ray.train.loop import (
     EpochReport,
     fit,
@@ -94,6 +95,7 @@ def train_local(
         model, optimizer, cfg, epoch_batches=epoch_batches, evaluate=evaluate, report=report,
         state=state, device=device, generator=generator, log=log,
     )  # fmt: skip
+    write_history(state.history, run_dir)
     best = run_dir / "best"
     log(f"best dev rsum {state.best_rsum:.2f} at epoch {state.best_epoch + 1}")
     return best

@@ -1,0 +1,106 @@
+"""Ray Data ingest: a dataset of light rows (caption id, token ids); features stay on disk.
+
+Pushing 300 KB region-feature rows through the object store is what costs on Ray
+(``../shared/docs/ray-notes.md``), so the dataset carries only ids and tokens, tokenised once
+in Ray tasks. Each train worker gathers its batch's features from its own memory map of the
+``.npy`` (one read per batch, no worker ever holds the file) and re-draws the word and region
+augmentation every epoch from a seeded generator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from functools import lru_cache
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+from hrem_ray.data.batches import Batch, make_batch
+from hrem_ray.data.precomp import PrecompSplit
+from hrem_ray.data.tokenize import CaptionTokenizer
+
+ROWS_PER_BLOCK = 20_000  # token rows are ~100 bytes: blocks only serve parallel tokenising
+
+
+@lru_cache(maxsize=4)
+def _captions(caps_path: str) -> list[str]:
+    """Captions of a split, read once per Ray worker process (one line per caption)."""
+    with open(caps_path, encoding="utf-8") as f:
+        return [line.rstrip("\n").removesuffix("\r") for line in f]
+
+
+@lru_cache(maxsize=4)
+def _tokenizer(bert_path: str, max_tokens: int) -> CaptionTokenizer:
+    return CaptionTokenizer.from_dir(bert_path, max_tokens=max_tokens)
+
+
+def _tokenize(batch: dict[str, np.ndarray], caps_path: str, bert_path: str, max_tokens: int):
+    captions = _captions(caps_path)
+    tokenizer = _tokenizer(bert_path, max_tokens)
+    ids = batch["id"].astype(np.int64)
+    tokens = [tokenizer.encode(captions[c]) for c in ids.tolist()]
+    return pa.table({"caption_id": ids, "tokens": pa.array(tokens, type=pa.list_(pa.int32()))})
+
+
+def pairs_dataset(split: PrecompSplit, bert_path: str, max_tokens: int) -> ray.data.Dataset:
+    """One row per caption: ``caption_id`` and its unaugmented ``tokens``, materialised.
+
+    Materialising is cheap (a few MB even for COCO) and, on small machines, keeps the train
+    workers from starving the pipeline of CPUs (a silent deadlock on 2 cores).
+    """
+    blocks = max(2, min(64, split.n_captions // ROWS_PER_BLOCK))
+    ds = ray.data.range(split.n_captions, override_num_blocks=blocks)
+    ds = ds.map_batches(
+        _tokenize,
+        batch_format="numpy",
+        fn_kwargs={
+            "caps_path": str(split.caps_path),
+            "bert_path": str(bert_path),
+            "max_tokens": max_tokens,
+        },
+        num_cpus=0.5,
+    )
+    return ds.materialize()
+
+
+def shard_batches(
+    shard: ray.data.DataIterator,
+    split: PrecompSplit,
+    tokenizer: CaptionTokenizer,
+    local_batch: int,
+    steps: int,
+    *,
+    seed: int,
+    epoch: int,
+    rank: int,
+    region_keep: float = 0.8,
+    word_aug: float = 0.2,
+) -> Iterator[Batch]:
+    """Exactly ``steps`` augmented batches of this worker's shard for one epoch.
+
+    Every rank must take the same number of steps (the loss all-gathers every step), so the
+    shard is always read to its end but only ``steps`` batches are yielded. The order is a
+    fresh seeded shuffle per (epoch, rank).
+    """
+    rng = np.random.default_rng([seed, epoch, rank, 1])
+    batches = shard.iter_batches(
+        batch_size=local_batch,
+        batch_format="pyarrow",
+        drop_last=True,
+        local_shuffle_buffer_size=max(local_batch, 50_000),
+        local_shuffle_seed=int(np.random.default_rng([seed, epoch, rank]).integers(2**31)),
+    )
+    for step, table in enumerate(batches):
+        if step >= steps:
+            continue
+        yield make_batch(
+            split,
+            tokenizer,
+            table["caption_id"].to_numpy(),
+            train=True,
+            rng=rng,
+            region_keep=region_keep,
+            word_aug=word_aug,
+            tokens=table["tokens"].to_pylist(),
+        )
