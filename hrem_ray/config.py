@@ -100,6 +100,7 @@ class TrainConfig:
     seed: int = 0
     eval_batch_size: int = 128
     log_every: int = 50  # iterations between progress lines
+    bf16: bool = False  # bf16 autocast of forward and loss on GPU (the reference uses fp32)
 
     def validate(self) -> None:
         _check(self.epochs >= 1, "train.epochs", "must be >= 1")

@@ -76,11 +76,14 @@ def train_step(
     """
     core = getattr(model, "module", model)
     model.train()
-    enc = model(batch)
-    image_ids = batch.image_ids
-    if gather is not None:
-        enc, image_ids = gather(enc, image_ids)
-    out = hrem_loss(core, enc, image_ids, iteration, generator)
+    device_type = batch.images.device.type
+    bf16 = cfg.train.bf16 and device_type == "cuda"
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+        enc = model(batch)
+        image_ids = batch.image_ids
+        if gather is not None:
+            enc, image_ids = gather(enc, image_ids)
+        out = hrem_loss(core, enc, image_ids, iteration, generator)
     optimizer.zero_grad(set_to_none=True)
     if not torch.isfinite(out.total):
         return None
