@@ -112,6 +112,21 @@ def save_checkpoint(
     return path
 
 
+def copy_checkpoint(src: str | Path, dst: str | Path) -> Path:
+    """Copy a checkpoint folder to ``dst`` (e.g. a sweep's ``best/``), atomically."""
+    read_record(src)
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    try:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
+        _replace_dir(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
+
+
 def _replace_dir(src: Path, dst: Path) -> None:
     if dst.exists():
         old = dst.with_name(f".{dst.name}.old-{os.getpid()}")

@@ -177,6 +177,25 @@ def cmd_train(a: argparse.Namespace) -> None:
     _log(f"best checkpoint: {best}")
 
 
+def cmd_tune(a: argparse.Namespace) -> None:
+    from hrem_ray.train.ray_train import init_ray
+    from hrem_ray.tune.space import load_space
+    from hrem_ray.tune.sweep import SweepOptions, run_sweep
+
+    cfg = _config(a)
+    space = load_space(a.space)  # fails before Ray starts
+    if a.num_samples is not None:
+        space.num_samples = a.num_samples
+    options = SweepOptions(
+        storage_path=a.storage_path, name=a.name, num_workers=a.num_workers, use_gpu=a.use_gpu,
+        cpus_per_worker=a.cpus_per_worker, max_concurrent_trials=a.max_concurrent_trials,
+        resume=a.resume,
+    )  # fmt: skip
+    init_ray(a.address)
+    summary = run_sweep(cfg, space, options, log=_log)
+    _log(f"best checkpoint: {summary['best']}")
+
+
 def cmd_demo(a: argparse.Namespace) -> None:
     """Synthetic data -> MiniLM-based model -> a short training -> evaluation, in one go."""
     from hrem_ray.data.synth import write_synthetic
@@ -289,6 +308,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="with --local: cpu or cuda")
     _add_config_flags(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("tune", help="Ray Tune sweep; every trial is a Ray Train run")
+    p.add_argument("--space", default="tune_spaces/default.yaml", help="search space YAML")
+    p.add_argument("--num-samples", type=int, help="override the space's num_samples")
+    p.add_argument("--data-path")
+    p.add_argument("--dataset")
+    p.add_argument("--epochs", type=int, help="epochs per trial (ASHA's max_t)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--storage-path", default="runs")
+    p.add_argument("--name", default="sweep")
+    p.add_argument("--resume", action="store_true", help="continue the sweep named --name")
+    p.add_argument("--num-workers", type=int, default=1, help="Ray Train workers per trial")
+    p.add_argument("--use-gpu", action="store_true")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--max-concurrent-trials", type=int)
+    p.add_argument("--address")
+    _add_config_flags(p)
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("demo", help="synthetic data -> train -> evaluate, in one command")
     p.add_argument("--out", default="work/demo")

@@ -1,11 +1,13 @@
 """Batches of (regions, tokens) pairs: training augmentation, padding and iteration orders.
 
-Every batch reads its features with one ``PrecompSplit.gather`` call (one fancy-index read of
-the memmap); only light ids move around otherwise.
+Every batch reads its features with one ``gather_features`` call (positional reads of the
+``.npy`` file, same result as ``PrecompSplit.gather``); only light ids move around otherwise.
 """
 
 from __future__ import annotations
 
+import mmap
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 
@@ -34,6 +36,49 @@ class Batch:
 
     def __len__(self) -> int:
         return self.caption_ids.shape[0]
+
+
+def gather_features(split: PrecompSplit, rows: np.ndarray) -> np.ndarray:
+    """``split.gather(rows)`` (a float32 ``[len(rows), regions, dim]`` copy), read with ``preadv``.
+
+    Copying rows out of the memory map costs one page fault per 4 KB page that is not yet
+    mapped. Where the pages are not in the page cache (a file larger than RAM, such as COCO's
+    33 GB on a 24 GB machine) that was 2.5x slower than positional reads into the batch buffer
+    on a real disk, and 25x slower over sparse (never written) regions; from the page cache
+    the two are within 30%. Each run of consecutive distinct rows is one read. Arrays that are
+    not a whole ``.npy`` memory map (a slice of one, in-memory test data) use ``split.gather``.
+    """
+    features = split.features
+    preadv = getattr(os, "preadv", None)
+    if (
+        preadv is None
+        or not isinstance(features, np.memmap)
+        or not isinstance(features.base, mmap.mmap)  # a view: its ``offset`` is the parent's
+        or not features.flags.c_contiguous
+        or features.filename is None
+    ):
+        return split.gather(rows)
+    rows = np.asarray(rows, dtype=np.int64)
+    unique, inverse = np.unique(rows, return_inverse=True)
+    if unique.size and (unique[0] < 0 or unique[-1] >= features.shape[0]):
+        return split.gather(rows)  # numpy's negative indexing or IndexError, as before
+    block = np.empty((unique.size, *features.shape[1:]), dtype=features.dtype)
+    row_bytes = block.itemsize * int(np.prod(features.shape[1:], dtype=np.int64))
+    bounds = np.flatnonzero(np.diff(unique) != 1) + 1
+    starts, stops = np.r_[0, bounds], np.r_[bounds, unique.size]
+    with open(features.filename, "rb", buffering=0) as f:
+        for start, stop in zip(starts.tolist(), stops.tolist(), strict=True):
+            view = memoryview(block[start:stop].reshape(-1)).cast("B")
+            offset = features.offset + int(unique[start]) * row_bytes
+            while view:  # a short read is legal (signals, network file systems)
+                n = preadv(f.fileno(), [view], offset)
+                if n <= 0:
+                    raise EOFError(f"{features.filename}: file ends before row {unique[stop - 1]}")
+                view, offset = view[n:], offset + n
+    block = block.astype(np.float32, copy=False)
+    if unique.size == rows.size and np.array_equal(unique, rows):
+        return block
+    return block[inverse.reshape(-1)]
 
 
 def region_dropout(n_regions: int, rng: np.random.Generator, keep: float = 0.8) -> np.ndarray:
@@ -85,7 +130,7 @@ def make_batch(
     caption_ids = np.asarray(caption_ids, dtype=np.int64)
     if train and rng is None:
         raise ValueError("make_batch(train=True) needs a numpy Generator for augmentation")
-    feats = split.gather(split.feature_rows(caption_ids))
+    feats = gather_features(split, split.feature_rows(caption_ids))
     if train:
         images, image_lengths = pad_regions(
             [f[region_dropout(f.shape[0], rng, region_keep)] for f in feats]
@@ -146,7 +191,7 @@ def image_batches(
     rows = split.image_rows()
     for start in range(0, split.n_images, batch_size):
         ids = np.arange(start, min(start + batch_size, split.n_images), dtype=np.int64)
-        feats = split.gather(rows[ids])
+        feats = gather_features(split, rows[ids])
         lengths = torch.full((len(ids),), feats.shape[1], dtype=torch.int64)
         yield ids, torch.from_numpy(feats), lengths
 

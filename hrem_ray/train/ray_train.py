@@ -25,7 +25,7 @@ from ray.train.torch import TorchTrainer
 from hrem_ray.backbone import default_bert_path
 from hrem_ray.checkpoint import load_train_state, load_weights, save_checkpoint
 from hrem_ray.config import HREMConfig
-from hrem_ray.data.precomp import open_split
+from hrem_ray.data.precomp import PrecompSplit, open_split
 from hrem_ray.data.ray_data import pairs_dataset, shard_batches
 from hrem_ray.data.tokenize import CaptionTokenizer
 from hrem_ray.eval.evaluate import evaluate_split, flat_metrics
@@ -105,8 +105,9 @@ def train_worker(config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as d:
             load_weights(d, model)
             state = restore_train_state(load_train_state(d), optimizer, generator)
-    wrapped = wrap_ddp(model, device_ids=[device.index] if device.type == "cuda" else None)
-    wrapped = wrapped if workers > 1 else model
+    wrapped = model
+    if workers > 1:
+        wrapped = wrap_ddp(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     local_batch = cfg.train.batch_size // workers
     steps = train.n_captions // workers // local_batch
@@ -166,27 +167,43 @@ def check_run_dir(options: RayRunOptions) -> None:
         raise RunExistsError(f"{path} already holds a run: pass --resume or use a new --name")
 
 
-def build_trainer(cfg: HREMConfig, options: RayRunOptions) -> TorchTrainer:
+def prepare_run(cfg: HREMConfig, num_workers: int, *, check_finite: bool = True) -> PrecompSplit:
+    """Check the data and the batch split on the driver, before any worker starts, and make
+    local paths absolute (workers and trials run in other folders). Returns the train split."""
     if not cfg.model.bert_path:
         cfg.model.bert_path = default_bert_path()
-    if cfg.train.batch_size % options.num_workers:
+    cfg.model.bert_path = os.path.abspath(cfg.model.bert_path)
+    cfg.data.data_path = os.path.abspath(cfg.data.data_path)
+    if cfg.train.batch_size % num_workers:
         raise ValueError(
             f"train.batch_size={cfg.train.batch_size} must be divisible by "
-            f"--num-workers={options.num_workers} (it is the global batch)"
+            f"--num-workers={num_workers} (it is the global batch)"
         )
     data = cfg.data
-    train = open_split(data.data_path, data.dataset, data.train_split, progress=print)
-    open_split(data.data_path, data.dataset, data.val_split)  # fail now, not in a worker
+    progress = print if check_finite else None
+    train = open_split(data.data_path, data.dataset, data.train_split,
+                       check_finite=check_finite, progress=progress)  # fmt: skip
+    open_split(data.data_path, data.dataset, data.val_split, check_finite=check_finite)
     if train.n_captions < cfg.train.batch_size:
         raise ValueError(
             f"{train.caps_path}: {train.n_captions} captions, fewer than one batch of "
             f"{cfg.train.batch_size}"
         )
+    return train
+
+
+def build_trainer(
+    cfg: HREMConfig,
+    options: RayRunOptions,
+    *,
+    callbacks: list | None = None,
+    check_finite: bool = True,
+) -> TorchTrainer:
+    train = prepare_run(cfg, options.num_workers, check_finite=check_finite)
+    data = cfg.data
     storage = options.storage_path
     if "://" not in storage:
         storage = os.path.abspath(storage)
-        cfg.data.data_path = os.path.abspath(cfg.data.data_path)
-        cfg.model.bert_path = os.path.abspath(cfg.model.bert_path)
     return TorchTrainer(
         train_worker,
         train_loop_config={"hrem": cfg.to_dict()},
@@ -204,6 +221,7 @@ def build_trainer(cfg: HREMConfig, options: RayRunOptions) -> TorchTrainer:
                 checkpoint_score_order="max",
             ),
             failure_config=FailureConfig(max_failures=options.max_failures),
+            callbacks=callbacks,
         ),
         datasets={"train": pairs_dataset(train, cfg.model.bert_path, data.max_tokens)},
     )

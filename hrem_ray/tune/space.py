@@ -1,0 +1,171 @@
+"""Search spaces for Ray Tune, read from ``tune_spaces/*.yaml`` and validated before any trial.
+
+A space file names config keys (``section.key`` of ``hrem_ray.config``) and a distribution for
+each, plus the sweep's settings::
+
+    num_samples: 8
+    scheduler: {type: asha, grace_period: 1, reduction_factor: 2}
+    search: random            # random | grid | optuna | hyperopt
+    params:
+      model.mask_weight: {uniform: [0.5, 2.5]}
+      model.margin: {uniform: [0.1, 0.4]}
+      model.num_layers_enc: {choice: [1, 2, 3, 4]}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from ray import tune
+
+from hrem_ray.config import ConfigError, HREMConfig
+
+DISTRIBUTIONS = ("uniform", "loguniform", "quniform", "randint", "choice", "grid")
+SEARCHERS = ("random", "grid", "optuna", "hyperopt")
+TOP_KEYS = {"num_samples", "scheduler", "search", "params", "max_concurrent_trials"}
+SCHEDULER_KEYS = {"type", "grace_period", "reduction_factor"}
+
+
+class SpaceError(ConfigError):
+    """A search-space file that cannot be used; the message names the key."""
+
+
+@dataclass
+class SearchSpace:
+    params: dict[str, dict[str, Any]]  # config key -> {distribution: argument}
+    num_samples: int = 4
+    search: str = "random"
+    scheduler: dict[str, Any] = field(
+        default_factory=lambda: {"type": "asha", "grace_period": 1, "reduction_factor": 2}
+    )
+    max_concurrent_trials: int | None = None
+
+    def param_space(self) -> dict[str, Any]:
+        """The Ray Tune ``param_space``: config key -> Tune domain."""
+        return {key: _domain(spec) for key, spec in self.params.items()}
+
+
+def _domain(spec: dict[str, Any]) -> Any:
+    ((kind, arg),) = spec.items()
+    if kind == "choice":
+        return tune.choice(arg)
+    if kind == "grid":
+        return tune.grid_search(arg)
+    if kind == "quniform":
+        return tune.quniform(*arg)
+    return getattr(tune, kind)(*arg)
+
+
+def load_space(path: str | Path) -> SearchSpace:
+    """Read and validate a space file; every problem is a SpaceError naming the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpaceError(f"search space not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise SpaceError(f"{path}: not valid YAML ({e})") from None
+    try:
+        return parse_space(raw)
+    except SpaceError as e:
+        raise SpaceError(f"{path}: {e}") from None
+
+
+def parse_space(raw: Any) -> SearchSpace:
+    if not isinstance(raw, dict):
+        raise SpaceError("a search space must be a mapping")
+    unknown = set(raw) - TOP_KEYS
+    if unknown:
+        raise SpaceError(f"unknown key(s) {', '.join(sorted(unknown))}")
+    params = raw.get("params")
+    if not isinstance(params, dict) or not params:
+        raise SpaceError("'params' must map at least one config key to a distribution")
+    for key, spec in params.items():
+        _check_param(key, spec)
+    space = SearchSpace(params=params)
+    if "num_samples" in raw:
+        n = raw["num_samples"]
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise SpaceError(f"'num_samples' must be a positive integer, got {n!r}")
+        space.num_samples = n
+    if "search" in raw:
+        if raw["search"] not in SEARCHERS:
+            raise SpaceError(f"'search' must be one of {', '.join(SEARCHERS)}")
+        space.search = raw["search"]
+    if "scheduler" in raw:
+        space.scheduler = _check_scheduler(raw["scheduler"])
+    if "max_concurrent_trials" in raw:
+        m = raw["max_concurrent_trials"]
+        if not isinstance(m, int) or isinstance(m, bool) or m < 1:
+            raise SpaceError(f"'max_concurrent_trials' must be a positive integer, got {m!r}")
+        space.max_concurrent_trials = m
+    grids = [k for k, spec in params.items() if "grid" in spec]
+    if space.search != "random" and space.search != "grid" and grids:
+        raise SpaceError(f"'{grids[0]}': grid values need search: random or grid")
+    if space.search == "grid" and len(grids) != len(params):
+        other = next(k for k in params if k not in grids)
+        raise SpaceError(f"'{other}': search: grid needs every parameter as a grid")
+    return space
+
+
+def _check_param(key: str, spec: Any) -> None:
+    """The distribution is well formed and its extreme values are valid for the config key."""
+    for value in _examples(key, spec):
+        try:
+            probe = HREMConfig()
+            probe.set(key, value)
+            probe.validate()
+        except ConfigError as e:
+            raise SpaceError(f"'{key}': {e}") from None
+
+
+def _examples(key: str, spec: Any) -> list[Any]:
+    """Check the distribution's shape; return the values to check against the config."""
+    if not isinstance(spec, dict) or len(spec) != 1:
+        raise SpaceError(f"'{key}' must be {{distribution: argument}}, one of {DISTRIBUTIONS}")
+    ((kind, arg),) = spec.items()
+    if kind not in DISTRIBUTIONS:
+        raise SpaceError(f"'{key}': unknown distribution '{kind}' (use {', '.join(DISTRIBUTIONS)})")
+    if kind in ("choice", "grid"):
+        if not isinstance(arg, list) or not arg:
+            raise SpaceError(f"'{key}': {kind} needs a non-empty list of values")
+        return arg
+    n_args = 3 if kind == "quniform" else 2
+    if not isinstance(arg, list) or len(arg) != n_args:
+        raise SpaceError(
+            f"'{key}': {kind} needs [{'low, high, step' if n_args == 3 else 'low, high'}]"
+        )
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in arg):
+        raise SpaceError(f"'{key}': {kind} bounds must be numbers, got {arg!r}")
+    low, high = arg[0], arg[1]
+    if not low < high:
+        raise SpaceError(f"'{key}': empty range [{low}, {high}]")
+    if kind == "loguniform" and low <= 0:
+        raise SpaceError(f"'{key}': loguniform needs low > 0, got {low}")
+    if kind == "randint" and not (isinstance(low, int) and isinstance(high, int)):
+        raise SpaceError(f"'{key}': randint bounds must be integers")
+    return [low, high]
+
+
+def _check_scheduler(spec: Any) -> dict[str, Any]:
+    if spec is None or spec == "none":
+        return {"type": "none"}
+    if not isinstance(spec, dict):
+        raise SpaceError("'scheduler' must be a mapping like {type: asha, grace_period: 1}")
+    unknown = set(spec) - SCHEDULER_KEYS
+    if unknown:
+        raise SpaceError(f"unknown scheduler key(s) {', '.join(sorted(unknown))}")
+    kind = spec.get("type", "asha")
+    if kind not in ("asha", "none"):
+        raise SpaceError(f"'scheduler.type' must be asha or none, got {kind!r}")
+    out = {"type": kind, "grace_period": 1, "reduction_factor": 2, **spec}
+    for key in ("grace_period", "reduction_factor"):
+        v = out[key]
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise SpaceError(f"'scheduler.{key}' must be a positive integer, got {v!r}")
+    if out["reduction_factor"] < 2:
+        raise SpaceError("'scheduler.reduction_factor' must be >= 2")
+    return out

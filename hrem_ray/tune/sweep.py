@@ -1,0 +1,231 @@
+"""Ray Tune sweeps: every trial is a Ray Train run of ``hrem_ray.train.ray_train``.
+
+Train V2 does not nest a TorchTrainer inside a Tuner directly; the V2 pattern used here is
+a trial function that builds and fits a TorchTrainer whose ``TuneReportCallback`` forwards
+rank 0's per-epoch metrics (and checkpoint path) to Tune, where ASHA reads the dev rsum.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+from hrem_ray.checkpoint import copy_checkpoint
+from hrem_ray.config import HREMConfig
+from hrem_ray.fileio import write_atomic, write_text_atomic
+from hrem_ray.train.ray_train import METRIC, RayRunOptions, build_trainer, prepare_run
+from hrem_ray.tune.space import SearchSpace
+
+CHECKPOINT_PATH = "checkpoint_path"  # key TuneReportCallback adds to the reported metrics
+
+
+@dataclass
+class SweepOptions:
+    storage_path: str = "runs"
+    name: str = "sweep"
+    num_workers: int = 1  # Ray Train workers per trial
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_concurrent_trials: int | None = None  # default: what the cluster can hold
+    resume: bool = False
+
+
+def concurrency(options: SweepOptions, space: SearchSpace) -> int:
+    """Trials that fit side by side, keeping one CPU free for Ray Data and the drivers.
+
+    Each trial holds ``num_workers`` x (``cpus_per_worker`` CPUs, one GPU with --use-gpu);
+    over-subscribing a small machine makes Train-in-Tune hang silently.
+    """
+    if options.max_concurrent_trials or space.max_concurrent_trials:
+        return int(options.max_concurrent_trials or space.max_concurrent_trials)
+    resources = ray.cluster_resources()
+    by_cpu = (resources.get("CPU", 1) - 1) / (options.num_workers * options.cpus_per_worker)
+    fit = by_cpu
+    if options.use_gpu:
+        fit = min(fit, resources.get("GPU", 0) / options.num_workers)
+    return max(1, math.floor(fit))
+
+
+def trial_config(base: dict[str, Any], sampled: dict[str, Any]) -> HREMConfig:
+    """The base config with one trial's sampled values (``section.key`` -> value)."""
+    cfg = HREMConfig.from_dict(base)
+    for key, value in sampled.items():
+        cfg.set(key, value)
+    return cfg.validate()
+
+
+def _run_trial(sampled: dict[str, Any], base: dict[str, Any], options: dict[str, Any]) -> None:
+    """One trial: a Ray Train run named after the trial (so a resumed sweep resumes it)."""
+    cfg = trial_config(base, sampled)
+    ctx = tune.get_context()
+    run = RayRunOptions(**options, name=ctx.get_trial_id(), resume=True)
+    # The sweep's driver validated the data once (a full scan per trial would be slow).
+    build_trainer(cfg, run, callbacks=[TuneReportCallback()], check_finite=False).fit()
+
+
+def _searcher(space: SearchSpace, metric: str):
+    if space.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(metric=metric, mode="max")
+    if space.search == "hyperopt":
+        from ray.tune.search.hyperopt import HyperOptSearch
+
+        return HyperOptSearch(metric=metric, mode="max")
+    return None  # random sampling and grid_search are built into Tune's variant generator
+
+
+def _scheduler(space: SearchSpace, epochs: int):
+    if space.scheduler["type"] == "none":
+        return FIFOScheduler()
+    return ASHAScheduler(
+        time_attr="training_iteration",
+        max_t=epochs,
+        grace_period=min(space.scheduler["grace_period"], epochs),
+        reduction_factor=space.scheduler["reduction_factor"],
+    )
+
+
+def sweep_dir(options: SweepOptions) -> str:
+    return os.path.join(os.path.abspath(options.storage_path), options.name)
+
+
+def run_sweep(
+    cfg: HREMConfig,
+    space: SearchSpace,
+    options: SweepOptions,
+    *,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run (or, with ``options.resume``, continue) a sweep; returns the summary."""
+    path = sweep_dir(options)
+    if os.path.isdir(path) and not options.resume:
+        raise FileExistsError(f"{path} already holds a sweep: pass --resume or use a new --name")
+    prepare_run(cfg, options.num_workers)
+    trial_options = {
+        "storage_path": os.path.join(path, "trials"),
+        "num_workers": options.num_workers,
+        "use_gpu": options.use_gpu,
+        "cpus_per_worker": options.cpus_per_worker,
+    }
+    trainable = tune.with_resources(
+        tune.with_parameters(_run_trial, base=cfg.to_dict(), options=trial_options),
+        {"cpu": 0.01},  # the trial driver only waits; its Train workers hold the resources
+    )
+    if options.resume and tune.Tuner.can_restore(path):
+        log(f"resuming sweep {path}")
+        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        n = concurrency(options, space)
+        log(f"sweep {path}: {space.num_samples} sample(s), up to {n} trial(s) at a time")
+        tuner = tune.Tuner(
+            trainable,
+            param_space=space.param_space(),
+            tune_config=tune.TuneConfig(
+                metric=METRIC,
+                mode="max",
+                num_samples=space.num_samples,
+                scheduler=_scheduler(space, cfg.train.epochs),
+                search_alg=_searcher(space, METRIC),
+                max_concurrent_trials=n,
+            ),
+            run_config=tune.RunConfig(name=options.name, storage_path=os.path.dirname(path)),
+        )
+    results = tuner.fit()
+    return summarise(results, list(space.params), cfg.train.epochs, path, log=log)
+
+
+def summarise(
+    results, params: list[str], epochs: int, path: str, *, log: Callable[[str], None] = print
+) -> dict[str, Any]:
+    """Trial table (JSON + CSV), plot, and the best trial's best checkpoint in ``path/best``."""
+    rows = [_trial_row(result, params, epochs) for result in results]
+    done = [r for r in rows if r["best_rsum"] is not None and r["checkpoint"]]
+    if not done:
+        raise RuntimeError(f"sweep {path}: no trial reported a checkpoint")
+    best = max(done, key=lambda r: r["best_rsum"])
+    best_path = copy_checkpoint(best["checkpoint"], os.path.join(path, "best"))
+    write_text_atomic(os.path.join(path, "trials.json"), json.dumps(rows, indent=2))
+    write_text_atomic(os.path.join(path, "trials.csv"), _csv(rows))
+    _plot(rows, params, os.path.join(path, "sweep.png"))
+    log(format_summary(rows, params))
+    log(f"best trial {best['trial']}: dev rsum {best['best_rsum']:.2f}")
+    return {"best": str(best_path), "best_trial": best, "trials": rows}
+
+
+def _trial_row(result, params: list[str], epochs: int) -> dict[str, Any]:
+    """One line of the trial table from a Tune result and its per-epoch history."""
+    history = result.metrics_dataframe
+    if history is None or METRIC not in history:
+        history = None
+    scored = history.dropna(subset=[METRIC]) if history is not None else []
+    best = scored.loc[scored[METRIC].idxmax()] if len(scored) else None
+    ran = len(scored)
+    return {
+        "trial": result.metrics.get("trial_id", Path(result.path).name),
+        **{k: result.config.get(k) for k in params},
+        "best_rsum": None if best is None else float(best[METRIC]),
+        "best_epoch": None if best is None else int(best["epoch"]) + 1,
+        "epochs_run": ran,
+        "stopped_early": result.error is None and ran < epochs,
+        "error": None if result.error is None else str(result.error).splitlines()[0],
+        "checkpoint": None if best is None else best.get(CHECKPOINT_PATH),
+        "curve": [float(x) for x in scored[METRIC]] if len(scored) else [],
+    }
+
+
+def _csv(rows: list[dict[str, Any]]) -> str:
+    keys = [k for k in rows[0] if k != "curve"]
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=keys, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def format_summary(rows: list[dict[str, Any]], params: list[str]) -> str:
+    short = [p.split(".")[-1] for p in params]
+    head = f"{'trial':<12}" + "".join(f"{s:>16}" for s in short)
+    head += f"{'rsum':>9}{'epochs':>8}  status"
+    lines = [head]
+    for r in sorted(rows, key=lambda r: -(r["best_rsum"] or -1)):
+        vals = "".join(f"{_fmt(r[p]):>16}" for p in params)
+        status = "error" if r["error"] else ("stopped early" if r["stopped_early"] else "done")
+        rsum = f"{r['best_rsum']:.2f}" if r["best_rsum"] is not None else "-"
+        lines.append(f"{r['trial']:<12}{vals}{rsum:>9}{r['epochs_run']:>8}  {status}")
+    return "\n".join(lines)
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _plot(rows: list[dict[str, Any]], params: list[str], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(params) + 1, figsize=(4 * (len(params) + 1), 3.5))
+    scored = [r for r in rows if r["best_rsum"] is not None]
+    for ax, p in zip(axes, params, strict=False):
+        ax.scatter([r[p] for r in scored], [r["best_rsum"] for r in scored])
+        ax.set(xlabel=p, ylabel="best dev rsum")
+    for r in scored:
+        axes[-1].plot(range(1, len(r["curve"]) + 1), r["curve"], "o-", label=r["trial"][-5:])
+    axes[-1].set(xlabel="epoch", ylabel="dev rsum", title="learning curves")
+    fig.tight_layout()
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
+    plt.close(fig)
