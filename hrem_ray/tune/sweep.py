@@ -226,6 +226,8 @@ def _plot(rows: list[dict[str, Any]], params: list[str], path: str) -> None:
     for r in scored:
         axes[-1].plot(range(1, len(r["curve"]) + 1), r["curve"], "o-", label=r["trial"][-5:])
     axes[-1].set(xlabel="epoch", ylabel="dev rsum", title="learning curves")
+    if len(scored) <= 12:
+        axes[-1].legend(fontsize=7, title="trial", title_fontsize=7)
     fig.tight_layout()
     write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
     plt.close(fig)
