@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 import shutil
 import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from hrem_ray import __version__
 from hrem_ray.backbone import copy_backbone_files
 from hrem_ray.config import HREMConfig
+from hrem_ray.fileio import write_dir_atomic
 from hrem_ray.model import HREM, build_model
 
 FORMAT = "hrem-ray-checkpoint"
@@ -87,10 +86,8 @@ def save_checkpoint(
     Everything goes to a temporary sibling folder that is renamed into place at the end;
     an existing checkpoint at ``path`` is replaced only once the new one is complete.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+
+    def fill(tmp: Path) -> None:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS), metadata={"format": FORMAT})
         copy_backbone_files(config.model.bert_path, tmp / BACKBONE)
@@ -105,36 +102,14 @@ def save_checkpoint(
         (tmp / META).write_text(json.dumps(record, indent=2, default=str))
         if train_state is not None:
             torch.save(train_state, tmp / TRAIN_STATE)
-        _replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+
+    return write_dir_atomic(path, fill)
 
 
 def copy_checkpoint(src: str | Path, dst: str | Path) -> Path:
     """Copy a checkpoint folder to ``dst`` (e.g. a sweep's ``best/``), atomically."""
     read_record(src)
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    try:
-        shutil.copytree(src, tmp, dirs_exist_ok=True)
-        _replace_dir(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dst
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.rename(dst, old)
-        os.rename(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(src, dst)
+    return write_dir_atomic(dst, lambda tmp: shutil.copytree(src, tmp, dirs_exist_ok=True))
 
 
 def read_record(path: str | Path) -> dict[str, Any]:
