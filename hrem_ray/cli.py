@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -158,6 +159,39 @@ def cmd_eval(a: argparse.Namespace) -> None:
         write_text_atomic(a.json, json.dumps(result, indent=2))
 
 
+def cmd_index(a: argparse.Namespace) -> None:
+    from hrem_ray.index.gallery import build_gallery
+
+    out = build_gallery(
+        a.checkpoint, a.data_path, a.dataset, a.split, a.out, dtype=a.dtype,
+        batch_size=a.batch_size, device=a.device, progress=_log,
+    )  # fmt: skip
+    _log(f"wrote {out}")
+
+
+def cmd_serve(a: argparse.Namespace) -> None:
+    import signal
+
+    from hrem_ray.serving.app import run_service
+    from hrem_ray.train.ray_train import init_ray
+
+    init_ray(a.address)
+    url = run_service(
+        a.checkpoint, a.gallery, host=a.host, port=a.port,
+        api_key=a.api_key or os.environ.get("HREM_API_KEY"), max_replicas=a.max_replicas,
+    )  # fmt: skip
+    _log(f"serving on {url} (search page at {url}/, API docs at {url}/docs); Ctrl-C stops")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        signal.pause()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        from ray import serve
+
+        serve.shutdown()
+
+
 def cmd_train(a: argparse.Namespace) -> None:
     cfg = _config(a)
     if a.local:
@@ -290,6 +324,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("index", help="encode a split once into a searchable gallery")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data-path", required=True)
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--split", default="test")
+    p.add_argument("--out", required=True, help="gallery folder")
+    p.add_argument("--dtype", choices=["float32", "float16"], default="float32")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("serve", help="Ray Serve retrieval endpoint over a gallery")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--gallery", required=True, help="folder written by hrem-ray index")
+    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require this x-api-key header (or set HREM_API_KEY)")
+    p.add_argument("--max-replicas", type=int, default=2)
+    p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS or local)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("train", help="train HREM on Ray Train (or --local: one process)")
     p.add_argument("--data-path")
