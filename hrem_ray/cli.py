@@ -18,6 +18,10 @@ import numpy as np
 from hrem_ray.fileio import write_atomic, write_text_atomic
 
 # One line per problem a user can fix; anything else is a bug and keeps its traceback.
+ADDRESS_HELP = (
+    "Ray cluster to join; default: RAY_ADDRESS, else a cluster started with `ray start` on "
+    "this machine, else a new local one ('local' always starts a new one)"
+)
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
 
 
@@ -212,12 +216,15 @@ def cmd_train(a: argparse.Namespace) -> None:
 
 
 def cmd_tune(a: argparse.Namespace) -> None:
-    from hrem_ray.train.ray_train import init_ray
     from hrem_ray.tune.space import load_space
-    from hrem_ray.tune.sweep import SweepOptions, run_sweep
+    from hrem_ray.tune.sweep import SweepOptions, init_sweep_ray, run_sweep
 
+    for flag in ("num_samples", "max_concurrent_trials"):
+        value = getattr(a, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
     cfg = _config(a)
-    space = load_space(a.space)  # fails before Ray starts
+    space = load_space(a.space, base=cfg)  # fails before Ray starts
     if a.num_samples is not None:
         space.num_samples = a.num_samples
     options = SweepOptions(
@@ -225,7 +232,7 @@ def cmd_tune(a: argparse.Namespace) -> None:
         cpus_per_worker=a.cpus_per_worker, max_concurrent_trials=a.max_concurrent_trials,
         resume=a.resume,
     )  # fmt: skip
-    init_ray(a.address)
+    init_sweep_ray(a.address)
     summary = run_sweep(cfg, space, options, log=_log)
     _log(f"best checkpoint: {summary['best']}")
 
@@ -343,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", help="require this x-api-key header (or set HREM_API_KEY)")
     p.add_argument("--max-replicas", type=int, default=2)
-    p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS or local)")
+    p.add_argument("--address", help=ADDRESS_HELP)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("train", help="train HREM on Ray Train (or --local: one process)")
@@ -358,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--use-gpu", action="store_true", help="one GPU per worker, NCCL")
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
     p.add_argument("--max-failures", type=int, default=2, help="worker-group restarts")
-    p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS or local)")
+    p.add_argument("--address", help=ADDRESS_HELP)
     p.add_argument("--local", action="store_true", help="single process, no Ray")
     p.add_argument("--device", default="cpu", help="with --local: cpu or cuda")
     _add_config_flags(p)
@@ -378,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--use-gpu", action="store_true")
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
     p.add_argument("--max-concurrent-trials", type=int)
-    p.add_argument("--address")
+    p.add_argument("--address", help=ADDRESS_HELP)
     _add_config_flags(p)
     p.set_defaults(func=cmd_tune)
 

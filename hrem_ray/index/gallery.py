@@ -27,7 +27,7 @@ from hrem_ray.checkpoint import load_checkpoint
 from hrem_ray.data.batches import caption_batches, image_batches
 from hrem_ray.data.precomp import CAPTIONS_PER_IMAGE, open_split
 from hrem_ray.data.tokenize import CaptionTokenizer
-from hrem_ray.eval.encode import encode
+from hrem_ray.eval.encode import check_batch_size, encode
 from hrem_ray.fileio import write_dir_atomic
 
 MANIFEST = "manifest.json"
@@ -56,6 +56,7 @@ def build_gallery(
     """Encode every image and caption of a precomp split with a checkpoint; write ``out``."""
     if dtype not in ("float32", "float16"):
         raise ValueError(f"dtype must be float32 or float16, got {dtype!r}")
+    check_batch_size(batch_size)  # before minutes of loading, not as a range() error
     data = open_split(data_path, dataset, split, progress=progress)
     ck = load_checkpoint(checkpoint, device=device)
     tokenizer = CaptionTokenizer.from_dir(ck.backbone_dir, max_tokens=ck.config.data.max_tokens)
@@ -96,7 +97,9 @@ def build_gallery(
 
 def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices and values of the k largest scores per row, best first (exact)."""
-    k = min(k, scores.shape[-1])
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    k = min(int(k), scores.shape[-1])
     part = np.argpartition(-scores, k - 1, axis=-1)[..., :k]
     vals = np.take_along_axis(scores, part, axis=-1)
     order = np.argsort(-vals, axis=-1, kind="stable")
@@ -117,14 +120,39 @@ class Gallery:
         for name in (MANIFEST, IMAGE_EMBS, CAPTION_EMBS, CAPTIONS):
             if not (path / name).is_file():
                 raise GalleryError(f"gallery {path} is incomplete: missing {name}")
-        manifest = json.loads((path / MANIFEST).read_text())
-        if manifest.get("format") != FORMAT:
+        try:
+            manifest = json.loads((path / MANIFEST).read_text())
+        except (ValueError, OSError) as e:  # UnicodeDecodeError and JSONDecodeError included
+            raise GalleryError(f"gallery {path}: unreadable {MANIFEST} ({e})") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise GalleryError(f"{path} is not an {FORMAT}")
-        imgs = np.load(path / IMAGE_EMBS, mmap_mode="r")
-        caps = np.load(path / CAPTION_EMBS, mmap_mode="r")
-        texts = pq.read_table(path / CAPTIONS, columns=["text"])["text"].to_pylist()
-        if len(imgs) != manifest["n_images"] or len(caps) != len(texts):
-            raise GalleryError(f"gallery {path}: sizes disagree with its manifest")
+        try:  # a truncated or foreign .npy / parquet file fails here, not in a query
+            imgs = np.load(path / IMAGE_EMBS, mmap_mode="r", allow_pickle=False)
+            caps = np.load(path / CAPTION_EMBS, mmap_mode="r", allow_pickle=False)
+            texts = pq.read_table(path / CAPTIONS, columns=["text"])["text"].to_pylist()
+        except (ValueError, OSError, KeyError, pa.ArrowException) as e:
+            raise GalleryError(f"gallery {path}: unreadable files ({_one_line(e)})") from None
+        expected = {
+            "n_images": imgs.shape[0] if imgs.ndim == 2 else None,
+            "n_captions": caps.shape[0] if caps.ndim == 2 else None,
+            "dim": imgs.shape[1] if imgs.ndim == 2 else None,
+            "dtype": str(imgs.dtype),
+        }
+        if (
+            imgs.ndim != 2
+            or caps.ndim != 2
+            or any(manifest.get(key) != value for key, value in expected.items())
+            or caps.shape[1:] != imgs.shape[1:]
+            or caps.dtype != imgs.dtype
+            or len(texts) != len(caps)
+            or len(caps) != CAPTIONS_PER_IMAGE * len(imgs)
+        ):
+            claimed = {key: manifest.get(key) for key in expected}
+            raise GalleryError(
+                f"gallery {path}: files disagree with its manifest (images {imgs.shape} "
+                f"{imgs.dtype}, captions {caps.shape} {caps.dtype}, {len(texts)} texts; "
+                f"manifest {claimed}): rebuild it with hrem-ray index"
+            )
         return cls(path, manifest, imgs, caps, texts)
 
     @property
@@ -161,3 +189,7 @@ def scores(queries: np.ndarray, embs: np.ndarray) -> np.ndarray:
          for i in range(0, len(embs), SCORE_CHUNK)],
         axis=1,
     )  # fmt: skip
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__

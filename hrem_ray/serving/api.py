@@ -8,12 +8,13 @@ ingress passes one that calls the model deployment, tests pass ``LocalBackend`` 
 from __future__ import annotations
 
 import hmac
+import logging
 import time
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import (
@@ -25,8 +26,11 @@ from prometheus_client import (
     generate_latest,
 )
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hrem_ray.serving.service import MAX_K, Hit, RequestError, RetrievalService
+
+log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 4 << 20  # 100 x 2048 features as JSON fit comfortably
 PAGE = Path(__file__).with_name("page.html")
@@ -86,26 +90,27 @@ def service_status(service: RetrievalService) -> dict[str, Any]:
     }
 
 
+# strict: JSON true, "3" or 2.0 is not an integer k or image_id, "1.5" is not a feature value.
 class TextQuery(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     query: str = Field(min_length=1, max_length=1000)
     k: int = Field(default=10, ge=1, le=MAX_K)
 
 
 class ImageQuery(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     image_id: int | None = None
     features: list[list[float]] | None = None
     k: int = Field(default=10, ge=1, le=MAX_K)
 
 
 class TextEmbedRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     query: str = Field(min_length=1, max_length=1000)
 
 
 class ImageEmbedRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     features: list[list[float]]
 
 
@@ -128,19 +133,30 @@ def build_app(backend: Backend, *, api_key: str | None = None) -> FastAPI:
     )  # fmt: skip
     gallery_size = Gauge("hrem_gallery_images", "Images in the gallery", registry=registry)
 
+    # Inner to ``guard``: a body sent without Content-Length (chunked) is cut off at the limit.
+    app.add_middleware(_BodyLimit, max_bytes=MAX_BODY_BYTES)
+
     @app.middleware("http")
     async def guard(request: Request, call_next):
         start = time.perf_counter()
         path = request.url.path
-        if api_key and path not in OPEN_PATHS:
-            given = request.headers.get("x-api-key", "")
-            if not hmac.compare_digest(given.encode(), api_key.encode()):
-                return _error(401, "missing or wrong x-api-key header")
         size = request.headers.get("content-length")
-        if size is not None and (not size.isdigit() or int(size) > MAX_BODY_BYTES):
+        if (
+            api_key
+            and path not in OPEN_PATHS
+            and not hmac.compare_digest(
+                request.headers.get("x-api-key", "").encode(), api_key.encode()
+            )
+        ):
+            response = _error(401, "missing or wrong x-api-key header")
+        elif size is not None and (not size.isdigit() or int(size) > MAX_BODY_BYTES):
             response = _error(413, f"request body larger than {MAX_BODY_BYTES} bytes")
         else:
-            response = await call_next(request)
+            try:
+                response = await call_next(request)
+            except Exception:  # a bug or a lost replica: a JSON 500, counted, never a trace
+                log.exception("%s %s failed", request.method, path)
+                response = _error(500, "internal error")
         route = path if path in _ROUTES else "other"
         requests.labels(route, str(response.status_code)).inc()
         latency.labels(route).observe(time.perf_counter() - start)
@@ -150,9 +166,16 @@ def build_app(backend: Backend, *, api_key: str | None = None) -> FastAPI:
     async def request_error(_: Request, e: RequestError):
         return _error(e.status, str(e))
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, e: StarletteHTTPException):  # 404 route, 405 method, 413
+        return _error(e.status_code, str(e.detail))
+
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, e: RequestValidationError):
         first = e.errors()[0] if e.errors() else {}
+        if first.get("type") == "json_invalid":
+            detail = first.get("ctx", {}).get("error", "")
+            return _error(422, f"body is not valid JSON: {detail}".rstrip(": "))
         where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
         return _error(422, f"{where or 'body'}: {first.get('msg', 'invalid request')}")
 
@@ -206,3 +229,44 @@ _ROUTES = {
 
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
+
+
+class _BodyTooLarge(HTTPException):
+    """Raised from ``receive``; FastAPI passes HTTPExceptions met reading a body through."""
+
+
+class _BodyLimit:
+    """ASGI middleware: answer 413 once a request body passes ``max_bytes``, however it is
+    sent (the Content-Length check in ``guard`` misses chunked bodies)."""
+
+    def __init__(self, app: Any, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        received = 0
+        started = False
+        message = f"request body larger than {self.max_bytes} bytes"
+
+        async def limited_receive() -> dict:
+            nonlocal received
+            event = await receive()
+            if event["type"] == "http.request":
+                received += len(event.get("body", b""))
+                if received > self.max_bytes:
+                    raise _BodyTooLarge(413, message)
+            return event
+
+        async def tracking_send(event: dict) -> None:
+            nonlocal started
+            started = started or event["type"] == "http.response.start"
+            await send(event)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _BodyTooLarge:  # read outside a route's exception handling
+            if started:
+                raise
+            await _error(413, message)(scope, receive, send)

@@ -32,12 +32,17 @@ AUTOSCALING = {
     "upscale_delay_s": 5,
     "downscale_delay_s": 30,
 }
+# A redeploy that restarts replicas (``serve.run`` again, new code, new init args) starts the
+# replacements first and stops the old replicas once they are ready. Serve's default (0) stops
+# first: with one replica every redeploy was an outage while the new one loaded the model.
+MAX_SURGE_PERCENT = 100
 
 
 @serve.deployment(
     ray_actor_options={"num_cpus": 0.5},
     max_ongoing_requests=64,
     autoscaling_config=AUTOSCALING,
+    max_surge_percent=MAX_SURGE_PERCENT,
 )
 class Retriever:
     def __init__(self, checkpoint: str, gallery: str):
@@ -54,17 +59,22 @@ class Retriever:
         self._embed_batch.set_batch_wait_timeout_s(float(batch["batch_wait_timeout_s"]))
 
     @serve.batch(**DEFAULT_BATCH)
-    async def _embed_batch(self, queries: list[str]) -> list[tuple[np.ndarray, int]]:
-        embs = self.service.embed_texts(queries)
-        return [(e, len(queries)) for e in embs]
+    async def _embed_batch(
+        self, queries: list[str]
+    ) -> list[tuple[np.ndarray, int, RetrievalService]]:
+        # Each embedding goes back with the service that made it: a query embedded by a new
+        # checkpoint (swapped in while it waited in the batch) must search the new gallery.
+        service = self.service
+        embs = service.embed_texts(queries)
+        return [(e, len(queries), service) for e in embs]
 
     async def embed_text(self, query: str) -> tuple[np.ndarray, int]:
-        return await self._embed_batch(self.service.check_query(query))
+        emb, batch, _ = await self._embed_batch(self.service.check_query(query))
+        return emb, batch
 
     async def search_text(self, query: str, k: int) -> tuple[list[Hit], int]:
-        service = self.service
-        service.check_k(k)
-        emb, batch = await self.embed_text(query)
+        self.service.check_k(k)
+        emb, batch, service = await self._embed_batch(self.service.check_query(query))
         return service.images_for(emb, k), batch
 
     async def search_image(self, image_id: int | None, features: Any, k: int) -> list[Hit]:
@@ -107,7 +117,11 @@ class HandleBackend:
         return await self._call("status")
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
+@serve.deployment(
+    ray_actor_options={"num_cpus": 0.1},
+    max_ongoing_requests=256,
+    max_surge_percent=MAX_SURGE_PERCENT,
+)
 @serve.ingress()
 class Ingress:
     def __init__(self, retriever: DeploymentHandle, api_key: str | None = None):

@@ -81,9 +81,13 @@ class RetrievalService:
 
     def check_features(self, features: Any) -> np.ndarray:
         try:
-            arr = np.asarray(features, dtype=np.float32)
+            with np.errstate(over="ignore"):  # 1e39 becomes inf, refused below
+                arr = np.asarray(features, dtype=np.float32)
         except (TypeError, ValueError):
-            raise RequestError("features must be a list of lists of numbers") from None
+            raise RequestError(
+                f"features must be a list of regions, each a list of {self.img_dim} numbers "
+                "(rows of equal length)"
+            ) from None
         if arr.ndim != 2 or arr.shape[1] != self.img_dim or not 1 <= arr.shape[0] <= MAX_REGIONS:
             raise RequestError(
                 f"features must have shape [n, {self.img_dim}] with 1 <= n <= {MAX_REGIONS}, "
@@ -103,7 +107,9 @@ class RetrievalService:
     # -- model ------------------------------------------------------------------------
     def embed_texts(self, queries: list[str]) -> np.ndarray:
         """[n, D] embeddings of already-validated queries, one forward pass."""
-        tokens, lengths = pad_tokens([self.tokenizer.encode(q) for q in queries])
+        tokens, lengths = pad_tokens(
+            [self.tokenizer.encode(q) for q in queries], self.tokenizer.pad_id
+        )
         with torch.inference_mode():
             out = self.model.embed_texts(tokens.to(self.device), lengths.to(self.device))
         return out.float().cpu().numpy()
@@ -112,7 +118,10 @@ class RetrievalService:
         x = torch.from_numpy(features)[None].to(self.device)
         with torch.inference_mode():
             out = self.model.embed_images(x, torch.tensor([len(features)], device=self.device))
-        return out.float().cpu().numpy()[0]
+        emb = out.float().cpu().numpy()[0]
+        if not np.isfinite(emb).all():  # finite but huge inputs (1e20) overflow in the model
+            raise RequestError("features too large: the model's output is not finite")
+        return emb
 
     # -- search -----------------------------------------------------------------------
     def images_for(self, text_emb: np.ndarray, k: int) -> list[Hit]:

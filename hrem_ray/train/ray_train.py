@@ -68,7 +68,9 @@ RAY_ENV_DEFAULTS = {
 
 
 def init_ray(address: str | None = None) -> None:
-    """Join ``address`` (or RAY_ADDRESS, as under ``ray job submit``), else start a local Ray."""
+    """Join ``address`` or RAY_ADDRESS (as under ``ray job submit``); else Ray's default:
+    the cluster last started with ``ray start`` on this machine if one runs, or a new local
+    instance. Pass ``address="local"`` to always start a fresh one."""
     for key, value in RAY_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
     if not ray.is_initialized():

@@ -14,6 +14,8 @@ each, plus the sweep's settings::
 
 from __future__ import annotations
 
+import copy
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ from ray import tune
 from hrem_ray.config import ConfigError, HREMConfig
 
 DISTRIBUTIONS = ("uniform", "loguniform", "quniform", "randint", "choice", "grid")
+CONTINUOUS = ("uniform", "loguniform", "quniform")  # they sample floats
 SEARCHERS = ("random", "grid", "optuna", "hyperopt")
 TOP_KEYS = {"num_samples", "scheduler", "search", "params", "max_concurrent_trials"}
 SCHEDULER_KEYS = {"type", "grace_period", "reduction_factor"}
@@ -47,6 +50,14 @@ class SearchSpace:
         """The Ray Tune ``param_space``: config key -> Tune domain."""
         return {key: _domain(spec) for key, spec in self.params.items()}
 
+    def check(self, base: HREMConfig) -> SearchSpace:
+        """Every parameter's extreme values are valid on top of ``base`` (the sweep's own
+        config, whose other keys, e.g. embed_size for num_heads, may differ from the
+        defaults the file was checked against on load)."""
+        for key, spec in self.params.items():
+            _check_param(key, spec, base)
+        return self
+
 
 def _domain(spec: dict[str, Any]) -> Any:
     ((kind, arg),) = spec.items()
@@ -59,8 +70,10 @@ def _domain(spec: dict[str, Any]) -> Any:
     return getattr(tune, kind)(*arg)
 
 
-def load_space(path: str | Path) -> SearchSpace:
-    """Read and validate a space file; every problem is a SpaceError naming the key."""
+def load_space(path: str | Path, base: HREMConfig | None = None) -> SearchSpace:
+    """Read and validate a space file; every problem is a SpaceError naming the key.
+
+    With ``base``, parameter values are checked on top of that config, not the defaults."""
     path = Path(path)
     if not path.is_file():
         raise SpaceError(f"search space not found: {path}")
@@ -69,12 +82,12 @@ def load_space(path: str | Path) -> SearchSpace:
     except yaml.YAMLError as e:
         raise SpaceError(f"{path}: not valid YAML ({e})") from None
     try:
-        return parse_space(raw)
+        return parse_space(raw, base)
     except SpaceError as e:
         raise SpaceError(f"{path}: {e}") from None
 
 
-def parse_space(raw: Any) -> SearchSpace:
+def parse_space(raw: Any, base: HREMConfig | None = None) -> SearchSpace:
     if not isinstance(raw, dict):
         raise SpaceError("a search space must be a mapping")
     unknown = set(raw) - TOP_KEYS
@@ -84,7 +97,7 @@ def parse_space(raw: Any) -> SearchSpace:
     if not isinstance(params, dict) or not params:
         raise SpaceError("'params' must map at least one config key to a distribution")
     for key, spec in params.items():
-        _check_param(key, spec)
+        _check_param(key, spec, base)
     space = SearchSpace(params=params)
     if "num_samples" in raw:
         n = raw["num_samples"]
@@ -95,6 +108,8 @@ def parse_space(raw: Any) -> SearchSpace:
         if raw["search"] not in SEARCHERS:
             raise SpaceError(f"'search' must be one of {', '.join(SEARCHERS)}")
         space.search = raw["search"]
+        if space.search in ("optuna", "hyperopt") and not importlib.util.find_spec(space.search):
+            raise SpaceError(f"'search': {space.search} is not installed (pip install it)")
     if "scheduler" in raw:
         space.scheduler = _check_scheduler(raw["scheduler"])
     if "max_concurrent_trials" in raw:
@@ -111,15 +126,28 @@ def parse_space(raw: Any) -> SearchSpace:
     return space
 
 
-def _check_param(key: str, spec: Any) -> None:
+def _check_param(key: str, spec: Any, base: HREMConfig | None = None) -> None:
     """The distribution is well formed and its extreme values are valid for the config key."""
-    for value in _examples(key, spec):
+    examples = _examples(key, spec)
+    ((kind, _),) = spec.items()
+    for value in examples:
+        probe = HREMConfig() if base is None else copy.deepcopy(base)
         try:
-            probe = HREMConfig()
             probe.set(key, value)
             probe.validate()
         except ConfigError as e:
+            if kind in CONTINUOUS and _is_int_key(key):
+                raise SpaceError(
+                    f"'{key}': {kind} samples floats but {key} is an integer "
+                    "(use randint or choice)"
+                ) from None
             raise SpaceError(f"'{key}': {e}") from None
+
+
+def _is_int_key(key: str) -> bool:
+    section, _, name = key.partition(".")
+    default = getattr(getattr(HREMConfig(), section, None), name, None)
+    return isinstance(default, int) and not isinstance(default, bool)
 
 
 def _examples(key: str, spec: Any) -> list[Any]:
@@ -145,9 +173,14 @@ def _examples(key: str, spec: Any) -> list[Any]:
         raise SpaceError(f"'{key}': empty range [{low}, {high}]")
     if kind == "loguniform" and low <= 0:
         raise SpaceError(f"'{key}': loguniform needs low > 0, got {low}")
-    if kind == "randint" and not (isinstance(low, int) and isinstance(high, int)):
-        raise SpaceError(f"'{key}': randint bounds must be integers")
-    return [low, high]
+    if kind == "quniform" and not arg[2] > 0:
+        raise SpaceError(f"'{key}': quniform needs step > 0, got {arg[2]}")
+    if kind == "randint":
+        if not (isinstance(low, int) and isinstance(high, int)):
+            raise SpaceError(f"'{key}': randint bounds must be integers")
+        return [low, high - 1]  # Tune's randint excludes high
+    # uniform, loguniform and quniform sample floats: an int key cannot take them
+    return [float(low), float(high)]
 
 
 def _check_scheduler(spec: Any) -> dict[str, Any]:

@@ -1,0 +1,246 @@
+"""The search page (GET /) in a real headless Chromium, against the FastAPI app in-process.
+
+No Ray: the app runs on ``LocalBackend`` over a tiny gallery, under uvicorn in a thread on
+127.0.0.1. Selenium drives Debian's ``/usr/bin/chromium`` through ``/usr/bin/chromedriver``
+(given explicitly, so Selenium Manager never tries to download a driver). The page's ranked
+results must be exactly the API's: same images in the same order, same scores and captions;
+clicking a result must list that image's captions as ``POST /search/image`` ranks them.
+
+CI installs the browser with ``apt-get install -y chromium chromium-driver``; without it this
+module is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import struct
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.timeout(180),
+    pytest.mark.skipif(
+        not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()),
+        reason="needs Debian's Chromium: apt-get install -y chromium chromium-driver "
+        f"({CHROMIUM} and {CHROMEDRIVER} not both present)",
+    ),
+]
+
+QUERY = "a dog runs on the grass"
+K = 5
+SHED_MESSAGE = "Request dropped due to backpressure (test)."
+TINY_MODEL = [
+    f"--set=model.{k}={v}"
+    for k, v in dict(img_dim=24, embed_size=32, num_heads=4, ff_dim=32, mlp_hidden=16).items()
+]
+SYNTH = ["--train-images", "20", "--dev-images", "5", "--test-images", "10"]
+SYNTH += ["--regions", "6", "--dim", "24"]
+
+
+class SheddingProxy:
+    """ASGI wrapper standing in for Serve's HTTP proxy: when told to, it answers the next
+    search with the plain-text 503 that Serve sends when it sheds load."""
+
+    def __init__(self, app):
+        self.app = app
+        self.shed_next = False
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and self.shed_next and scope["path"].startswith("/search"):
+            self.shed_next = False
+            headers = [(b"content-type", b"text/plain; charset=utf-8")]
+            await send({"type": "http.response.start", "status": 503, "headers": headers})
+            await send({"type": "http.response.body", "body": SHED_MESSAGE.encode()})
+            return
+        await self.app(scope, receive, send)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_bert) -> Iterator[tuple[str, SheddingProxy]]:
+    """(base URL, proxy) of the app served by uvicorn on a free loopback port."""
+    import uvicorn
+
+    from hrem_ray.cli import main
+    from hrem_ray.serving.api import LocalBackend, build_app
+    from hrem_ray.serving.service import RetrievalService
+
+    root = tmp_path_factory.mktemp("page")
+    main(["synth", "--out", str(root / "data"), *SYNTH])
+    main(["init-checkpoint", "--out", str(root / "ckpt"), "--bert-path", tiny_bert, *TINY_MODEL])
+    main(["index", "--checkpoint", str(root / "ckpt"), "--data-path", str(root / "data"),
+          "--dataset", "f30k", "--split", "test", "--out", str(root / "gallery")])  # fmt: skip
+    backend = LocalBackend(RetrievalService(root / "ckpt", root / "gallery"))
+    proxy = SheddingProxy(build_app(backend))
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))  # the port is ours from here on: no race with other tests
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(proxy, log_level="warning", lifespan="off")
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}", proxy
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    profile = tmp_path_factory.mktemp("chromium-profile")
+    for arg in (
+        "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        "--disable-dev-shm-usage", "--window-size=1000,900", f"--user-data-dir={profile}",
+    ):  # fmt: skip
+        options.add_argument(arg)
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=str(CHROMEDRIVER)))
+    driver.set_page_load_timeout(30)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def api(base: str, path: str, body: dict) -> dict:
+    req = urllib.request.Request(
+        base + path, json.dumps(body).encode(), {"content-type": "application/json"}
+    )
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.load(r)
+
+
+def wait_for(driver, predicate, what: str, timeout: float = 20.0):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout, poll_frequency=0.05).until(
+        lambda d: predicate(d), message=f"timed out waiting for {what}"
+    )
+
+
+def status(driver) -> str:
+    from selenium.webdriver.common.by import By
+
+    return driver.find_element(By.ID, "status").text
+
+
+def result_items(driver) -> list[dict]:
+    """Each result <li>: its score text, the rest of its first line, and any caption lines."""
+    return driver.execute_script(
+        """return [...document.querySelectorAll('#results li')].map((li) => ({
+             score: li.querySelector('.score').textContent,
+             text: li.innerText,
+             caps: li.querySelector('.caps') ? li.querySelector('.caps').innerText : null,
+           }));"""
+    )
+
+
+def assert_score(shown: str, score: float) -> None:
+    assert abs(float(shown) - score) <= 0.0005 + 1e-9, (shown, score)
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    assert data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_search_page_end_to_end(server, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    base, _ = server
+    expected = api(base, "/search/text", {"query": QUERY, "k": K})["results"]
+    assert len(expected) == K
+
+    browser.get(base + "/")
+    assert browser.title == "HREM retrieval"
+    box = browser.find_element(By.ID, "query")
+    box.send_keys(QUERY)
+    k_box = browser.find_element(By.ID, "k")
+    k_box.clear()
+    k_box.send_keys(str(K))
+    browser.find_element(By.CSS_SELECTOR, "#search button[type=submit]").click()
+    wait_for(browser, lambda d: "images for" in status(d), "text search results")
+
+    assert status(browser).startswith(f"{K} images for “{QUERY}”"), status(browser)
+    items = result_items(browser)
+    assert len(items) == K
+    shown_scores = [float(it["score"]) for it in items]
+    assert shown_scores == sorted(shown_scores, reverse=True), "results not ranked"
+    for rank, (item, hit) in enumerate(zip(items, expected, strict=True)):
+        first_line = item["text"].splitlines()[0]
+        assert first_line.endswith(f"image {hit['id']}"), (rank, first_line, hit["id"])
+        assert_score(item["score"], hit["score"])
+        assert hit["captions"], hit
+        assert item["caps"].splitlines() == hit["captions"], rank
+
+    first = expected[0]["id"]
+    want = api(base, "/search/image", {"image_id": first, "k": K})["results"]
+    browser.find_elements(By.CSS_SELECTOR, "#results li")[0].click()
+    wait_for(browser, lambda d: "captions for image" in status(d) and "…" not in status(d),
+             "caption results")  # fmt: skip
+    assert status(browser) == f"{K} captions for image {first}"
+    items = result_items(browser)
+    assert len(items) == len(want) == K
+    for item, hit in zip(items, want, strict=True):
+        assert_score(item["score"], hit["score"])
+        text = item["text"][len(item["score"]) :].strip()
+        assert text == f"{hit['caption']} (image {hit['image_id']})"
+        assert item["caps"] is None
+
+    shot = tmp_path / "search_page.png"
+    assert browser.save_screenshot(str(shot))
+    data = shot.read_bytes()
+    width, height = png_size(data)
+    assert width >= 300 and height >= 300, (width, height)
+    assert len(data) > 5_000, f"screenshot only {len(data)} bytes"
+    from PIL import Image  # matplotlib's dependency
+
+    with Image.open(shot) as im:
+        colours = im.convert("RGB").getcolors(maxcolors=1 << 20)
+    assert colours is None or len(colours) > 20, "screenshot is (nearly) blank"
+
+
+def test_search_page_shows_plain_text_errors(server, browser):
+    """Serve's proxy answers a shed request with a plain-text 503, not the API's JSON error:
+    the page must show that text, not a JSON parse error, and no stale results."""
+    from selenium.webdriver.common.by import By
+
+    base, proxy = server
+    browser.get(base + "/")
+    browser.find_element(By.ID, "query").send_keys(QUERY)
+    proxy.shed_next = True
+    browser.find_element(By.CSS_SELECTOR, "#search button[type=submit]").click()
+    wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#status .error"), "error")
+    message = browser.find_element(By.CSS_SELECTOR, "#status .error").text
+    assert message == SHED_MESSAGE, message
+    assert not browser.find_elements(By.CSS_SELECTOR, "#results li")
+
+    # the next try goes through and shows results
+    browser.find_element(By.CSS_SELECTOR, "#search button[type=submit]").click()
+    wait_for(browser, lambda d: "images for" in status(d), "text search results")
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#results li")) == 10
