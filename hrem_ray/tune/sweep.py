@@ -23,7 +23,12 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-from hrem_ray.checkpoint import copy_checkpoint
+from hrem_ray.checkpoint import (
+    CheckpointError,
+    copy_checkpoint,
+    load_train_state,
+    read_record,
+)
 from hrem_ray.config import HREMConfig
 from hrem_ray.fileio import write_atomic, write_text_atomic
 from hrem_ray.train.ray_train import (
@@ -212,7 +217,8 @@ def summarise(
     results, params: list[str], epochs: int, path: str, *, log: Callable[[str], None] = print
 ) -> dict[str, Any]:
     """Trial table (JSON + CSV), plot, and the best trial's best checkpoint in ``path/best``."""
-    rows = [_trial_row(result, params, epochs) for result in results]
+    runs = os.path.join(path, "trials")  # each trial's Ray Train run: runs/<trial id>
+    rows = sorted((_trial_row(r, params, epochs, runs) for r in results), key=lambda r: r["trial"])
     done = [r for r in rows if r["best_rsum"] is not None and r["checkpoint"]]
     if not done:
         raise RuntimeError(f"sweep {path}: no trial reported a checkpoint")
@@ -226,25 +232,80 @@ def summarise(
     return {"best": str(best_path), "best_trial": best, "trials": rows}
 
 
-def _trial_row(result, params: list[str], epochs: int) -> dict[str, Any]:
-    """One line of the trial table from a Tune result and its per-epoch history."""
-    history = result.metrics_dataframe
-    if history is None or METRIC not in history:
-        history = None
-    scored = history.dropna(subset=[METRIC]) if history is not None else []
-    best = scored.loc[scored[METRIC].idxmax()] if len(scored) else None
-    ran = len(scored)
+def _trial_row(result, params: list[str], epochs: int, runs: str | None = None) -> dict[str, Any]:
+    """One line of the trial table from a Tune result and its per-epoch history.
+
+    Tune's history of a trial that a resumed sweep restarted holds only the epochs run after
+    the restart (the trial restarts from Tune's point of view, while its Ray Train run goes on
+    from its last checkpoint); the history saved with that run's latest checkpoint has them
+    all. Checkpoints are taken from the run's folder where it is local: only those Ray kept
+    (the best by dev rsum, and the latest) still exist.
+    """
+    runs = runs if runs is not None and "://" not in runs else None  # local folders only
+    trial = (result.metrics or {}).get("trial_id") or _trial_id(result.path, runs)
+    per_epoch: dict[int, tuple[float, str | None]] = {}  # epoch -> (rsum, checkpoint)
+    frame = result.metrics_dataframe
+    if frame is not None and METRIC in frame and "epoch" in frame:
+        for _, row in frame.dropna(subset=[METRIC]).iterrows():
+            per_epoch[int(row["epoch"])] = (float(row[METRIC]), row.get(CHECKPOINT_PATH))
+    if runs is not None:
+        kept = _kept_checkpoints(os.path.join(runs, trial))
+        # restarted by a resume: Tune has the epochs since the restart (or none, when the
+        # run had trained its last epoch before the interruption)
+        if kept and not set(range(max(kept) + 1)) <= set(per_epoch):
+            for h in _run_history(kept[max(kept)]):
+                if METRIC in h:
+                    per_epoch.setdefault(int(h["epoch"]), (float(h[METRIC]), None))
+        if kept:
+            per_epoch = {e: (v, kept.get(e)) for e, (v, _) in per_epoch.items()}
+    curve = [per_epoch[e][0] for e in sorted(per_epoch)]
+    best = max(sorted(per_epoch), key=lambda e: per_epoch[e][0], default=None)
+    if best is not None and not per_epoch[best][1]:  # a tie Ray broke the other way
+        best = max((e for e in sorted(per_epoch) if per_epoch[e][1]),
+                   key=lambda e: per_epoch[e][0], default=best)  # fmt: skip
+    ran = len(curve)
     return {
-        "trial": result.metrics.get("trial_id", Path(result.path).name),
+        "trial": trial,
         **{k: result.config.get(k) for k in params},
-        "best_rsum": None if best is None else float(best[METRIC]),
-        "best_epoch": None if best is None else int(best["epoch"]) + 1,
+        "best_rsum": None if best is None else per_epoch[best][0],
+        "best_epoch": None if best is None else best + 1,
         "epochs_run": ran,
         "stopped_early": result.error is None and ran < epochs,
         "error": None if result.error is None else str(result.error).splitlines()[0],
-        "checkpoint": None if best is None else best.get(CHECKPOINT_PATH),
-        "curve": [float(x) for x in scored[METRIC]] if len(scored) else [],
+        "checkpoint": None if best is None else per_epoch[best][1],
+        "curve": curve,
     }
+
+
+def _trial_id(path: str, runs: str | None) -> str:
+    """A trial's id from its Tune folder's name (``_run_trial_<id>_<index>_<params>_<date>``),
+    for a trial that reported nothing since a resume restarted it."""
+    name = Path(path).name
+    if runs is not None and os.path.isdir(runs):
+        ids = [t for t in os.listdir(runs) if f"_{t}_" in name]
+        if len(ids) == 1:
+            return ids[0]
+    return name
+
+
+def _kept_checkpoints(run: str) -> dict[int, str]:
+    """The checkpoints a trial's Ray Train run kept: epoch -> folder."""
+    kept: dict[int, str] = {}
+    for folder in Path(run).glob("checkpoint_*"):
+        if not folder.is_dir():
+            continue
+        try:
+            kept[int(read_record(folder)["meta"]["epoch"])] = str(folder)
+        except (CheckpointError, KeyError, TypeError, ValueError):
+            continue  # not one of ours
+    return kept
+
+
+def _run_history(checkpoint: str) -> list[dict[str, Any]]:
+    """The per-epoch history saved with a run's latest checkpoint (next to the optimizer
+    state), every epoch of the run whatever restarts it went through."""
+    state = load_train_state(checkpoint) or {}
+    return list(state.get("state", {}).get("history", []))
 
 
 def _csv(rows: list[dict[str, Any]]) -> str:
