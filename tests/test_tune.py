@@ -587,6 +587,9 @@ def _kill_session(proc: subprocess.Popen) -> list[psutil.Process]:
     (Ray's workers run in process groups of their own and would otherwise go on for a while,
     e.g. finish an epoch): an interrupted sweep, no clean shutdown. Strictly its own list."""
     procs = _session_processes(proc.pid)
+    for p in procs:  # remembered for the checks, once they are gone
+        with contextlib.suppress(psutil.Error):
+            p.label = p.name()
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     for p in procs:
@@ -653,10 +656,10 @@ def test_interrupted_sweep_resumes(sweep_data, tiny_bert, tmp_path, capsys):
     killed_at = time.time()
     snapshot = _trial_snapshot(sweep, first)
     interrupted = time.monotonic() - start
-    names = {p.info["name"] for p in procs}
+    names = {getattr(p, "label", "") for p in procs}
     assert {"gcs_server", "raylet"} <= names and any(n.startswith("ray::") for n in names)
     assert not _alive(procs), [p.pid for p in _alive(procs)]
-    raylets = {p.pid for p in procs if p.info["name"] == "raylet"}
+    raylets = {p.pid for p in procs if getattr(p, "label", "") == "raylet"}
     assert not _alive(_session_processes(proc.pid, raylets))  # nothing started since
     assert not (sweep / "trials.json").exists()  # it did not get to the end
     assert sorted(_registered(sweep / "trials" / first).values()) == [0, 1]
