@@ -391,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scale-down-wait-s", type=float, default=75.0)
     p.add_argument("--no-autoscale", action="store_true", help="skip the max_replicas 2 phase")
     p.add_argument("--work", help="folder for the built gallery (default: a temp folder)")
+    p.add_argument("--json", help="also write the figures here (bench/run_all.py)")
     a = p.parse_args(argv)
     if bool(a.checkpoint) != bool(a.gallery):
         p.error("--checkpoint and --gallery go together")
@@ -553,6 +554,9 @@ def main(argv: list[str] | None = None) -> int:
                      f"({scale['after']})"
             )  # fmt: skip
         print(parts[0], "; ".join(parts[1:]))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"tiny": a.tiny, "results": results, "scale": scale}, f, default=str)
     load1 = os.getloadavg()
     print(f"load average (1/5/15 min): start {load0[0]:.2f}/{load0[1]:.2f}/{load0[2]:.2f}, "
           f"end {load1[0]:.2f}/{load1[1]:.2f}/{load1[2]:.2f}; {os.cpu_count()} CPUs; "

@@ -16,11 +16,12 @@ from pathlib import Path
 import numpy as np
 
 from hrem_ray.fileio import write_atomic, write_text_atomic
+from hrem_ray.index.ivf import DEFAULT_NPROBE
 
 # One line per problem a user can fix; anything else is a bug and keeps its traceback.
 ADDRESS_HELP = (
-    "Ray cluster to join; default: RAY_ADDRESS, else a cluster started with `ray start` on "
-    "this machine, else a new local one ('local' always starts a new one)"
+    "Ray cluster to join; default: RAY_ADDRESS, else a new local instance ('auto': the "
+    "cluster started with `ray start` on this machine)"
 )
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
 
@@ -168,15 +169,13 @@ def cmd_index(a: argparse.Namespace) -> None:
 
     out = build_gallery(
         a.checkpoint, a.data_path, a.dataset, a.split, a.out, dtype=a.dtype,
-        batch_size=a.batch_size, device=a.device, progress=_log,
+        batch_size=a.batch_size, device=a.device, ivf=a.ivf, nprobe=a.nprobe, progress=_log,
     )  # fmt: skip
     _log(f"wrote {out}")
 
 
 def cmd_serve(a: argparse.Namespace) -> None:
-    import signal
-
-    from hrem_ray.serving.app import run_service
+    from hrem_ray.serving.app import run_service, wait_until_interrupted
     from hrem_ray.train.ray_train import init_ray
 
     init_ray(a.address)
@@ -185,11 +184,8 @@ def cmd_serve(a: argparse.Namespace) -> None:
         api_key=a.api_key or os.environ.get("HREM_API_KEY"), max_replicas=a.max_replicas,
     )  # fmt: skip
     _log(f"serving on {url} (search page at {url}/, API docs at {url}/docs); Ctrl-C stops")
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        signal.pause()
-    except KeyboardInterrupt:
-        pass
+        wait_until_interrupted()
     finally:
         from ray import serve
 
@@ -216,8 +212,9 @@ def cmd_train(a: argparse.Namespace) -> None:
 
 
 def cmd_tune(a: argparse.Namespace) -> None:
+    from hrem_ray.train.ray_train import init_ray
     from hrem_ray.tune.space import load_space
-    from hrem_ray.tune.sweep import SweepOptions, init_sweep_ray, run_sweep
+    from hrem_ray.tune.sweep import SweepOptions, run_sweep
 
     for flag in ("num_samples", "max_concurrent_trials"):
         value = getattr(a, flag)
@@ -232,42 +229,16 @@ def cmd_tune(a: argparse.Namespace) -> None:
         cpus_per_worker=a.cpus_per_worker, max_concurrent_trials=a.max_concurrent_trials,
         resume=a.resume,
     )  # fmt: skip
-    init_sweep_ray(a.address)
+    init_ray(a.address)
     summary = run_sweep(cfg, space, options, log=_log)
     _log(f"best checkpoint: {summary['best']}")
 
 
 def cmd_demo(a: argparse.Namespace) -> None:
-    """Synthetic data -> MiniLM-based model -> a short training -> evaluation, in one go."""
-    from hrem_ray.data.synth import write_synthetic
+    from hrem_ray.demo.pipeline import DemoOptions, run_demo
 
-    out = Path(a.out)
-    data = out / "data"
-    if not (data / "f30k_precomp" / "test_caps.txt").exists():
-        _log("== 1/4 synthetic data")
-        write_synthetic(data, train_images=a.train_images, dev_images=100, test_images=100,
-                        progress=_log)  # fmt: skip
-    common = ["--data-path", str(data), "--dataset", "f30k"]
-    # The relation module joins after the first epoch: switched on while the embeddings
-    # are still random it slows early learning (tests/test_learning.py).
-    warmup = a.train_images * 5 // 64
-    sets = [f"train.epochs={a.epochs}", "train.batch_size=64", "train.log_every=10",
-            f"model.warmup={warmup}"]  # fmt: skip
-    _log("== 2/4 fresh model (MiniLM backbone, no training)")
-    main(["init-checkpoint", "--out", str(out / "init"), *_set(sets)])
-    if not (out / "run" / "best").exists():
-        _log("== 3/4 training (single process)")
-        main(["train", "--local", *common, "--storage-path", str(out), "--name", "run",
-              *_set(sets)])  # fmt: skip
-    _log("== 4/4 test-split recall: fresh model vs trained")
-    for name, ckpt in (("fresh", out / "init"), ("trained", out / "run" / "best")):
-        _log(f"-- {name}")
-        main(["eval", "--checkpoint", str(ckpt), *common, "--split", "test",
-              "--json", str(out / f"eval_{name}.json")])  # fmt: skip
-
-
-def _set(pairs: list[str]) -> list[str]:
-    return [x for p in pairs for x in ("--set", p)]
+    run_demo(DemoOptions(out=a.out, tiny=a.tiny, fresh=a.fresh, serve=not a.no_serve,
+                         port=a.port), log=_log)  # fmt: skip
 
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
@@ -341,6 +312,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "float16"], default="float32")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--ivf", type=int, default=0, metavar="NLIST",
+        help="also train FAISS IVF indexes with NLIST lists, for ~1M+ items (needs "
+        "hrem-ray[faiss]); default 0: exact search only",
+    )  # fmt: skip
+    p.add_argument(
+        "--nprobe", type=int, default=DEFAULT_NPROBE,
+        help="IVF lists searched per query (capped at NLIST); recall@10 vs exact is printed",
+    )  # fmt: skip
     p.set_defaults(func=cmd_index)
 
     p = sub.add_parser("serve", help="Ray Serve retrieval endpoint over a gallery")
@@ -389,10 +369,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(p)
     p.set_defaults(func=cmd_tune)
 
-    p = sub.add_parser("demo", help="synthetic data -> train -> evaluate, in one command")
-    p.add_argument("--out", default="work/demo")
-    p.add_argument("--train-images", type=int, default=500)
-    p.add_argument("--epochs", type=int, default=2)
+    p = sub.add_parser(
+        "demo", help="synthetic data -> Ray Train -> Ray Tune -> eval -> Ray Serve, one command"
+    )
+    p.add_argument("--out", default="work/demo", help="the demo's folder (reused on re-runs)")
+    p.add_argument("--tiny", action="store_true", help="a tiny BERT and tiny sizes (CI)")
+    p.add_argument("--fresh", action="store_true", help="delete --out and start over")
+    p.add_argument("--no-serve", action="store_true",
+                   help="stop the service after the example queries")  # fmt: skip
+    p.add_argument("--port", type=int, default=8000, help="the service's port (127.0.0.1)")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -163,7 +163,7 @@ class AnonMemorySampler(threading.Thread):
     """Peak RssAnon of a process and all its descendants (an in-process Ray cluster's
     GCS, raylet, workers and agents all descend from the driver), sampled every ``interval``."""
 
-    def __init__(self, root_pid: int, interval: float = 0.1) -> None:
+    def __init__(self, root_pid: int, interval: float = 0.25) -> None:
         super().__init__(daemon=True)
         self.root = root_pid
         self.interval = interval

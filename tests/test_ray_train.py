@@ -360,7 +360,11 @@ def test_cli_train_eval_refuse_and_resume(
     best = _best_from_stdout(capsys.readouterr().out)
     _wait_cpus_released()
 
-    assert best.parent == run
+    assert best == run / "best"
+    kept = {read_record(c)["meta"]["metrics"]["rsum"]: c for c in _checkpoints(run)}
+    top = kept[max(kept)]  # best/ is a copy of the kept checkpoint with the highest dev rsum
+    for name in ("model.safetensors", "config.json", "train_state.pt"):
+        assert (best / name).read_bytes() == (top / name).read_bytes(), name
     ck = load_checkpoint(best)
     assert ck.meta["epoch"] in (0, 1)
     assert ck.config.model.embed_size == 32

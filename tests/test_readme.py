@@ -43,3 +43,10 @@ def test_python_example_runs(tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_load(path):
     load_config(path)
+
+
+def test_readme_images_exist():
+    images = re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", README)
+    assert images
+    missing = [p for p in images if "://" not in p and not (ROOT / p).is_file()]
+    assert not missing, missing

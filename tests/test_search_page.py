@@ -12,6 +12,7 @@ module is skipped.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import socket
@@ -50,13 +51,18 @@ SYNTH += ["--regions", "6", "--dim", "24"]
 
 class SheddingProxy:
     """ASGI wrapper standing in for Serve's HTTP proxy: when told to, it answers the next
-    search with the plain-text 503 that Serve sends when it sheds load."""
+    search with the plain-text 503 that Serve sends when it sheds load, or holds it back
+    for ``delay_next`` seconds (a slow replica)."""
 
     def __init__(self, app):
         self.app = app
         self.shed_next = False
+        self.delay_next = 0.0
 
     async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and self.delay_next and scope["path"].startswith("/search"):
+            delay, self.delay_next = self.delay_next, 0.0
+            await asyncio.sleep(delay)
         if scope["type"] == "http" and self.shed_next and scope["path"].startswith("/search"):
             self.shed_next = False
             headers = [(b"content-type", b"text/plain; charset=utf-8")]
@@ -244,3 +250,27 @@ def test_search_page_shows_plain_text_errors(server, browser):
     browser.find_element(By.CSS_SELECTOR, "#search button[type=submit]").click()
     wait_for(browser, lambda d: "images for" in status(d), "text search results")
     assert len(browser.find_elements(By.CSS_SELECTOR, "#results li")) == 10
+
+
+def test_a_late_answer_does_not_overwrite_a_newer_search(server, browser):
+    """Two searches in flight: the first one's answer arrives last and must be dropped."""
+    from selenium.webdriver.common.by import By
+
+    base, proxy = server
+    browser.get(base + "/")
+    box = browser.find_element(By.ID, "query")
+    submit = browser.find_element(By.CSS_SELECTOR, "#search button[type=submit]")
+    box.send_keys("a red car")
+    proxy.delay_next = 3.0
+    submit.click()
+    time.sleep(0.5)  # the first search is now held back in the proxy
+    box.clear()
+    box.send_keys(QUERY)
+    submit.click()
+    wait_for(browser, lambda d: "images for" in status(d), "the second search's results")
+    assert QUERY in status(browser)
+    time.sleep(3.5)  # the first answer has arrived by now
+    assert QUERY in status(browser) and "red car" not in status(browser), status(browser)
+    want = [h["id"] for h in api(base, "/search/text", {"query": QUERY, "k": 10})["results"]]
+    shown = [it["text"].splitlines()[0].rsplit(" ", 1)[-1] for it in result_items(browser)]
+    assert [int(x) for x in shown] == want

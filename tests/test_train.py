@@ -278,6 +278,41 @@ def test_fit_continues_from_state_and_without_evaluate(cfg):
     assert state.best_epoch == 1 and state.iteration == 9 and len(state.history) == 3
 
 
+@pytest.mark.parametrize("flush", [True, False])
+def test_fit_sets_denormal_flushing(cfg, flush):
+    cfg.train.epochs = 1
+    cfg.train.flush_denormal = flush
+    model = build_model(cfg.model, pretrained=False)
+    try:
+        fit(model, build_optimizer(model, cfg.train), cfg, epoch_batches=lambda e: [],
+            evaluate=None, report=lambda r: None, log=None)  # fmt: skip
+        subnormal = torch.tensor(1e-40) * 1.0  # float32 subnormal: flushed to 0 or kept
+        assert (float(subnormal) == 0.0) == flush
+    finally:
+        torch.set_flush_denormal(False)
+
+
+def test_zero_bert_lr_factor_freezes_the_backbone(cfg, batches):
+    """The frozen-backbone baseline: no BERT parameter gets a gradient or changes, and
+    the rest of the model still trains."""
+    cfg.train.bert_lr_factor = 0.0
+    model = build_model(cfg.model, pretrained=False)
+    opt = build_optimizer(model, cfg.train)
+    assert [g["name"] for g in opt.param_groups] == ["relation", "towers"]
+    before = params_copy(model)
+    for batch in batches:
+        assert train_step(model, batch, opt, 10**6, cfg, generator=torch.Generator()) is not None
+    changed = set()
+    for name, p in model.named_parameters():
+        is_bert = name.startswith("txt_enc.bert.")
+        assert p.requires_grad is not is_bert
+        if is_bert:
+            assert p.grad is None and torch.equal(p, before[name]), name
+        elif not torch.equal(p, before[name]):
+            changed.add(name.split(".")[0])
+    assert changed == {"img_enc", "txt_enc", "relation"}
+
+
 # --------------------------------------------------------------------------- train_local resume
 
 

@@ -10,9 +10,17 @@ already well above it after one epoch (about 105), so the 2nd and 3rd trials sto
 epoch 1 whatever the noise, and the 1st runs both epochs (nothing to compare with yet).
 Measured rsum after epoch 1 / 2: 106.0 / 178.8, 59.2, 59.2, 93.2 / 146.4.
 
-Costs (2 cores, nothing else running): ... See ../shared/docs/ray-notes.md for the
-environment; the sweeps start their Ray through ``init_sweep_ray`` so that Ray Train's
-placement-group cleaner finds its own cluster when other Ray instances run on the machine.
+The resume test runs ``hrem-ray tune`` in a subprocess (2 trials, no ASHA) and SIGKILLs all
+of it once the first trial is TERMINATED in Tune's saved experiment state and the second has
+registered its epoch-1 checkpoint; ``--resume`` then runs only the second trial's epoch 2.
+
+Costs measured on the 2-core machine: the fast tests 4 s; the sweep 139 s at a load average
+of 2 (152-170 s at 6-15, with other people's Ray tests running); the resume test 100 s at 2
+(195-246 s at 6-15); the file 6-7.5 min under that load. Both Ray tests start their own Ray
+(one at a time) through ``init_ray``, which gives every Ray process RAY_ADDRESS: without
+it Ray Train's placement-group cleaner cannot tell its cluster from other Ray instances on
+the machine, and the placement group of every trial that ends leaks until the sweep hangs.
+See ../shared/docs/ray-notes.md for the environment.
 """
 
 from __future__ import annotations
@@ -40,8 +48,9 @@ from hrem_ray.checkpoint import load_checkpoint, read_record
 from hrem_ray.cli import main
 from hrem_ray.config import HREMConfig, load_config
 from hrem_ray.data.synth import write_synthetic
+from hrem_ray.train.ray_train import init_ray
 from hrem_ray.tune.space import SearchSpace, SpaceError, load_space, parse_space
-from hrem_ray.tune.sweep import SweepOptions, init_sweep_ray, run_sweep, trial_config
+from hrem_ray.tune.sweep import SweepOptions, run_sweep, trial_config
 
 # psutil comes with Ray (ray/thirdparty_files), importable once ray is imported.
 psutil = importlib.import_module("psutil")
@@ -266,12 +275,20 @@ def test_space_defaults_and_scheduler_none():
     assert grid.search == "grid"
 
 
+@pytest.fixture
+def no_ray():
+    """No Ray running in this process (an earlier test module may have left one), so that
+    the test can tell whether the code under test started one."""
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 def _tiny_cfg(data: str, bert: str) -> HREMConfig:
     return load_config(None, [*SETS, f"data.data_path={data}", f"model.bert_path={bert}",
                               "train.epochs=1"])  # fmt: skip
 
 
-def test_space_is_checked_against_the_sweeps_config(tmp_path, tiny_bert):
+def test_space_is_checked_against_the_sweeps_config(no_ray, tmp_path, tiny_bert):
     """64 heads divide the default embed_size (1024) but not the sweep's (32): the file loads
     on its own, and fails naming the key once checked against the config it will run on,
     before the sweep folder or Ray exists."""
@@ -304,8 +321,7 @@ CLI_BAD = {
 
 
 @pytest.mark.parametrize("raw, key", CLI_BAD.values(), ids=CLI_BAD.keys())
-def test_cli_bad_space_exits_2_before_ray(capsys, tmp_path, tiny_bert, raw, key):
-    assert not ray.is_initialized()
+def test_cli_bad_space_exits_2_before_ray(no_ray, capsys, tmp_path, tiny_bert, raw, key):
     space = _write(tmp_path / "space.yaml", raw)
     storage = tmp_path / "runs"
     with pytest.raises(SystemExit) as exc:
@@ -323,7 +339,7 @@ def test_cli_bad_space_exits_2_before_ray(capsys, tmp_path, tiny_bert, raw, key)
 
 
 @pytest.mark.parametrize("flag", ["--num-samples", "--max-concurrent-trials"])
-def test_cli_bad_counts_exit_2_before_ray(capsys, tmp_path, flag):
+def test_cli_bad_counts_exit_2_before_ray(no_ray, capsys, tmp_path, flag):
     with pytest.raises(SystemExit) as exc:
         main(["tune", "--space", str(REPO / "tune_spaces" / "default.yaml"), flag, "0",
               "--storage-path", str(tmp_path / "runs")])  # fmt: skip
@@ -417,7 +433,7 @@ def sweep_ray():
     it), for one test: the resume test starts its own in a subprocess, never beside this one."""
     if ray.is_initialized():
         ray.shutdown()
-    init_sweep_ray(num_cpus=2, include_dashboard=True, log_to_driver=False)
+    init_ray(num_cpus=2, include_dashboard=True, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -631,7 +647,7 @@ def _registered(run: Path) -> dict[str, int]:
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.timeout(360)
-def test_interrupted_sweep_resumes(sweep_data, tiny_bert, tmp_path, capsys):
+def test_interrupted_sweep_resumes(no_ray, sweep_data, tiny_bert, tmp_path, capsys):
     """``hrem-ray tune`` (2 trials, one at a time) killed, process group and SIGKILL, once its
     first trial has finished and the second has checkpointed its first epoch. The same
     command with --resume finishes the sweep: the finished trial is not run again, the

@@ -1,13 +1,16 @@
-"""A retrieval gallery: a split's images and captions encoded once, searched by exact top-k.
+"""A retrieval gallery: a split's images and captions encoded once, searched by top-k.
 
     GALLERY/
-      manifest.json        checkpoint it was built with, dataset, split, sizes, dtype
+      manifest.json        checkpoint it was built with, dataset, split, sizes, dtype, ivf
       image_embs.npy       [n_images, D] float32 or float16, L2-normalised
       caption_embs.npy     [n_captions, D]
       captions.parquet     caption_id, image_id, text
+      image.ivf            optional (``--ivf NLIST``): FAISS IVFFlat over image_embs
+      caption.ivf          optional: the same over caption_embs
 
-Embeddings are memory-mapped when opened, so replicas on one node share the page cache
-instead of each holding a copy.
+Embeddings (and IVF inverted lists) are memory-mapped when opened, so replicas on one node
+share the page cache instead of each holding a copy. Search is exact unless the gallery was
+built with IVF indexes, which trade a measured recall (``manifest["ivf"]``) for speed.
 """
 
 from __future__ import annotations
@@ -29,11 +32,22 @@ from hrem_ray.data.precomp import CAPTIONS_PER_IMAGE, open_split
 from hrem_ray.data.tokenize import CaptionTokenizer
 from hrem_ray.eval.encode import check_batch_size, encode
 from hrem_ray.fileio import write_dir_atomic
+from hrem_ray.index.ivf import (
+    DEFAULT_NPROBE,
+    RECALL_K,
+    IvfIndex,
+    check_ivf,
+    import_faiss,
+    recall_at_k,
+    recall_sample,
+)
 
 MANIFEST = "manifest.json"
 IMAGE_EMBS = "image_embs.npy"
 CAPTION_EMBS = "caption_embs.npy"
 CAPTIONS = "captions.parquet"
+IMAGE_IVF = "image.ivf"
+CAPTION_IVF = "caption.ivf"
 FORMAT = "hrem-ray-gallery"
 
 
@@ -51,13 +65,17 @@ def build_gallery(
     dtype: str = "float32",
     batch_size: int = 128,
     device: str = "cpu",
+    ivf: int = 0,
+    nprobe: int = DEFAULT_NPROBE,
     progress: Callable[[str], None] | None = None,
 ) -> Path:
-    """Encode every image and caption of a precomp split with a checkpoint; write ``out``."""
-    if dtype not in ("float32", "float16"):
-        raise ValueError(f"dtype must be float32 or float16, got {dtype!r}")
+    """Encode every image and caption of a precomp split with a checkpoint; write ``out``.
+
+    ``ivf`` > 0 also trains IVF indexes with that many lists (see ``write_gallery``).
+    """
     check_batch_size(batch_size)  # before minutes of loading, not as a range() error
     data = open_split(data_path, dataset, split, progress=progress)
+    _check_options(dtype, ivf, nprobe, data.n_images)  # before minutes of encoding
     ck = load_checkpoint(checkpoint, device=device)
     tokenizer = CaptionTokenizer.from_dir(ck.backbone_dir, max_tokens=ck.config.data.max_tokens)
     kw = dict(device=device, progress=progress)
@@ -65,45 +83,132 @@ def build_gallery(
                   desc="gallery images", **kw)  # fmt: skip
     caps = encode(ck.model.embed_texts, caption_batches(data, tokenizer, batch_size),
                   data.n_captions, desc="gallery captions", **kw)  # fmt: skip
-    caption_ids = np.arange(data.n_captions, dtype=np.int64)
-    table = pa.table(
-        {
-            "caption_id": caption_ids,
-            "image_id": caption_ids // CAPTIONS_PER_IMAGE,
-            "text": data.captions,
-        }
-    )
-    manifest = {
-        "format": FORMAT,
+    meta = {
         "checkpoint": str(Path(checkpoint).resolve()),
         "checkpoint_meta": ck.meta,
         "dataset": dataset,
         "split": split,
-        "n_images": data.n_images,
-        "n_captions": data.n_captions,
+    }
+    return write_gallery(out, imgs, caps, data.captions, meta, dtype=dtype, ivf=ivf,
+                         nprobe=nprobe, progress=progress)  # fmt: skip
+
+
+def write_gallery(
+    out: str | Path,
+    image_embs: np.ndarray,
+    caption_embs: np.ndarray,
+    texts: list[str],
+    meta: dict[str, Any],
+    *,
+    dtype: str = "float32",
+    ivf: int = 0,
+    nprobe: int = DEFAULT_NPROBE,
+    progress: Callable[[str], None] | None = None,
+) -> Path:
+    """Write a gallery folder atomically from L2-normalised embeddings (caption i of image i//5).
+
+    With ``ivf`` = NLIST > 0, one IVFFlat index per side is trained on the stored (``dtype``)
+    vectors (as float32 copies), so that ``nprobe`` = NLIST reproduces exact search; its
+    recall@10 against exact search, on up to ``RECALL_QUERIES`` queries per side, goes in the
+    manifest and through ``progress``.
+    """
+    nprobe = _check_options(dtype, ivf, nprobe, len(image_embs))
+    imgs, caps = image_embs.astype(dtype), caption_embs.astype(dtype)
+    caption_ids = np.arange(len(caps), dtype=np.int64)
+    table = pa.table(
+        {"caption_id": caption_ids, "image_id": caption_ids // CAPTIONS_PER_IMAGE, "text": texts}
+    )
+    manifest: dict[str, Any] = {
+        "format": FORMAT,
+        **meta,
+        "n_images": len(imgs),
+        "n_captions": len(caps),
         "dim": int(imgs.shape[1]),
         "dtype": dtype,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
+    indexes: dict[str, IvfIndex] = {}
+    if ivf:
+        indexes = {IMAGE_IVF: IvfIndex.train(imgs, ivf, nprobe),
+                   CAPTION_IVF: IvfIndex.train(caps, ivf, nprobe)}  # fmt: skip
+        manifest["ivf"] = {
+            "nlist": ivf,
+            "nprobe": nprobe,
+            # text -> image: captions query the image index, and the other way round
+            "recall_at_10_images": ivf_recall(caps, imgs, indexes[IMAGE_IVF]),
+            "recall_at_10_captions": ivf_recall(imgs, caps, indexes[CAPTION_IVF]),
+        }
+        if progress:
+            r = manifest["ivf"]
+            progress(
+                f"IVF nlist={ivf} nprobe={nprobe}: recall@{RECALL_K} vs exact search "
+                f"{r['recall_at_10_images']:.3f} text->image, "
+                f"{r['recall_at_10_captions']:.3f} image->text"
+            )
 
     def fill(tmp: Path) -> None:
-        np.save(tmp / IMAGE_EMBS, imgs.astype(dtype))
-        np.save(tmp / CAPTION_EMBS, caps.astype(dtype))
+        np.save(tmp / IMAGE_EMBS, imgs)
+        np.save(tmp / CAPTION_EMBS, caps)
         pq.write_table(table, tmp / CAPTIONS)
+        for name, index in indexes.items():
+            index.write(tmp / name)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
 
     return write_dir_atomic(out, fill)
 
 
-def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices and values of the k largest scores per row, best first (exact)."""
+def _check_options(dtype: str, ivf: int, nprobe: int, n_images: int) -> int:
+    """Refuse bad settings (and IVF without faiss) up front; return the nprobe to use."""
+    if dtype not in ("float32", "float16"):
+        raise ValueError(f"dtype must be float32 or float16, got {dtype!r}")
+    if ivf == 0:
+        return nprobe
+    nprobe = check_ivf(ivf, nprobe, n_images)
+    import_faiss()
+    return nprobe
+
+
+def ivf_recall(queries: np.ndarray, embs: np.ndarray, ivf: IvfIndex) -> float:
+    """recall@10 of ``search`` through ``ivf`` against exact search, on sampled query rows."""
+    q = np.asarray(queries[recall_sample(len(queries))], np.float32)
+    approx, _ = search(q, embs, ivf, RECALL_K)
+    exact, _ = search(q, embs, None, RECALL_K)
+    return recall_at_k(approx, exact)
+
+
+def check_k(k: int) -> int:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
-    k = min(int(k), scores.shape[-1])
+    return int(k)
+
+
+def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices and values of the k largest scores per row, best first (exact)."""
+    k = min(check_k(k), scores.shape[-1])
     part = np.argpartition(-scores, k - 1, axis=-1)[..., :k]
     vals = np.take_along_axis(scores, part, axis=-1)
     order = np.argsort(-vals, axis=-1, kind="stable")
     return np.take_along_axis(part, order, axis=-1), np.take_along_axis(vals, order, axis=-1)
+
+
+def search(
+    queries: np.ndarray, embs: np.ndarray, ivf: IvfIndex | None, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k rows of ``embs`` per query, best first: through ``ivf`` when given, else exact.
+
+    A query whose probed lists hold fewer than k vectors is answered exactly instead, so
+    the IVF path keeps the exact path's contract: min(k, len(embs)) real ids per query.
+    """
+    if ivf is None:
+        return top_k(scores(queries, embs), k)
+    k = min(check_k(k), len(embs))
+    q = np.asarray(queries, np.float32)
+    flat = q.reshape(-1, q.shape[-1])
+    ids, vals = ivf.search(flat, k)
+    short = (ids < 0).any(axis=1)
+    if short.any():
+        ids[short], vals[short] = top_k(scores(flat[short], embs), k)
+    return ids.reshape(*q.shape[:-1], k), vals.reshape(*q.shape[:-1], k)
 
 
 @dataclass
@@ -113,19 +218,21 @@ class Gallery:
     image_embs: np.ndarray  # memory-mapped
     caption_embs: np.ndarray  # memory-mapped
     captions: list[str]
+    image_ivf: IvfIndex | None = None  # set when built with --ivf: searched instead of exact
+    caption_ivf: IvfIndex | None = None
 
     @classmethod
     def open(cls, path: str | Path) -> Gallery:
         path = Path(path)
-        for name in (MANIFEST, IMAGE_EMBS, CAPTION_EMBS, CAPTIONS):
-            if not (path / name).is_file():
-                raise GalleryError(f"gallery {path} is incomplete: missing {name}")
+        _require(path, (MANIFEST, IMAGE_EMBS, CAPTION_EMBS, CAPTIONS))
         try:
             manifest = json.loads((path / MANIFEST).read_text())
         except (ValueError, OSError) as e:  # UnicodeDecodeError and JSONDecodeError included
             raise GalleryError(f"gallery {path}: unreadable {MANIFEST} ({e})") from None
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise GalleryError(f"{path} is not an {FORMAT}")
+        if "ivf" in manifest:
+            _require(path, (IMAGE_IVF, CAPTION_IVF))
         try:  # a truncated or foreign .npy / parquet file fails here, not in a query
             imgs = np.load(path / IMAGE_EMBS, mmap_mode="r", allow_pickle=False)
             caps = np.load(path / CAPTION_EMBS, mmap_mode="r", allow_pickle=False)
@@ -153,7 +260,9 @@ class Gallery:
                 f"{imgs.dtype}, captions {caps.shape} {caps.dtype}, {len(texts)} texts; "
                 f"manifest {claimed}): rebuild it with hrem-ray index"
             )
-        return cls(path, manifest, imgs, caps, texts)
+        if "ivf" not in manifest:
+            return cls(path, manifest, imgs, caps, texts)
+        return cls(path, manifest, imgs, caps, texts, *_open_ivf(path, manifest["ivf"], imgs, caps))
 
     @property
     def n_images(self) -> int:
@@ -169,11 +278,36 @@ class Gallery:
 
     def search_images(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k image ids and scores for each caption embedding (rows of ``queries``)."""
-        return top_k(scores(queries, self.image_embs), k)
+        return search(queries, self.image_embs, self.image_ivf, k)
 
     def search_captions(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k caption ids and scores for each image embedding."""
-        return top_k(scores(queries, self.caption_embs), k)
+        return search(queries, self.caption_embs, self.caption_ivf, k)
+
+
+def _require(path: Path, names: tuple[str, ...]) -> None:
+    for name in names:
+        if not (path / name).is_file():
+            raise GalleryError(f"gallery {path} is incomplete: missing {name}")
+
+
+def _open_ivf(
+    path: Path, ivf: Any, imgs: np.ndarray, caps: np.ndarray
+) -> tuple[IvfIndex, IvfIndex]:
+    """The two IVF indexes, checked against the embeddings and ``manifest["ivf"]``."""
+    try:  # ValueError: faiss missing or a bad nlist/nprobe; RuntimeError: faiss's own errors
+        nprobe = check_ivf(ivf["nlist"], ivf["nprobe"], len(imgs))
+        indexes = [IvfIndex.read(path / name, nprobe) for name in (IMAGE_IVF, CAPTION_IVF)]
+        found = [(x.index.ntotal, x.index.d, x.index.nlist) for x in indexes]
+    except (ValueError, RuntimeError, KeyError, TypeError, AttributeError) as e:
+        raise GalleryError(f"gallery {path}: unusable IVF index ({_one_line(e)})") from None
+    want = [(len(embs), embs.shape[1], ivf["nlist"]) for embs in (imgs, caps)]
+    if found != want:
+        raise GalleryError(
+            f"gallery {path}: IVF indexes (size, dim, nlist) {found} disagree with its "
+            f"embeddings and manifest {want}: rebuild it with hrem-ray index"
+        )
+    return indexes[0], indexes[1]
 
 
 SCORE_CHUNK = 1 << 16  # gallery rows converted to float32 at a time (float16 galleries)

@@ -9,7 +9,10 @@ and swapped in atomically, so requests in flight finish on the old one.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import sys
 from typing import Any
 
 import numpy as np
@@ -160,3 +163,10 @@ def run_service(
     )
     serve.run(Ingress.bind(retriever, api_key), name="hrem", route_prefix="/")
     return f"http://{host}:{port}"
+
+
+def wait_until_interrupted() -> None:
+    """Block until Ctrl-C or SIGTERM (a service's foreground process)."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    with contextlib.suppress(KeyboardInterrupt):
+        signal.pause()

@@ -19,6 +19,7 @@ from hrem_ray.data.batches import pad_tokens
 from hrem_ray.data.precomp import CAPTIONS_PER_IMAGE
 from hrem_ray.data.tokenize import CaptionTokenizer
 from hrem_ray.index.gallery import Gallery
+from hrem_ray.index.ivf import import_faiss
 
 MAX_QUERY_CHARS = 1000
 MAX_K = 100
@@ -56,6 +57,8 @@ class RetrievalService:
             ck.backbone_dir, max_tokens=ck.config.data.max_tokens
         )
         self.gallery = Gallery.open(gallery)
+        if self.gallery.manifest.get("ivf"):
+            import_faiss().omp_set_num_threads(1)  # one core per replica, as torch above
         dim = ck.config.model.embed_size
         if self.gallery.manifest["dim"] != dim:
             raise ValueError(

@@ -164,6 +164,7 @@ def fit(
     on the test split). ``report`` is where checkpoints get written.
     """
     state = state or TrainState()
+    torch.set_flush_denormal(cfg.train.flush_denormal)  # a no-op where unsupported
     while state.epoch < cfg.train.epochs:
         epoch = state.epoch
         factor = set_epoch_lr(optimizer, epoch, cfg.train)

@@ -10,6 +10,7 @@ iteration).
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from hrem_ray.backbone import default_bert_path
-from hrem_ray.checkpoint import load_train_state, load_weights, save_checkpoint
+from hrem_ray.checkpoint import copy_checkpoint, load_train_state, load_weights, save_checkpoint
 from hrem_ray.config import HREMConfig
 from hrem_ray.data.precomp import PrecompSplit, open_split
 from hrem_ray.data.ray_data import pairs_dataset, shard_batches
@@ -64,17 +65,62 @@ RAY_ENV_DEFAULTS = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_AUTH_MODE": "disabled",
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_DATA_DISABLE_PROGRESS_BARS": "1",  # per-epoch bars of a few ms each: noise
 }
 
 
-def init_ray(address: str | None = None) -> None:
-    """Join ``address`` or RAY_ADDRESS (as under ``ray job submit``); else Ray's default:
-    the cluster last started with ``ray start`` on this machine if one runs, or a new local
-    instance. Pass ``address="local"`` to always start a fresh one."""
+def init_ray(address: str | None = None, **init_kwargs: Any) -> None:
+    """Join ``address`` (or RAY_ADDRESS, as under ``ray job submit``; ``"auto"``: the cluster
+    started with ``ray start`` on this machine), else start a new local Ray; either way every
+    Ray process of the job gets RAY_ADDRESS naming this cluster. A no-op if Ray is running.
+
+    Each Ray Train run (a training, every trial of a sweep) starts a PlacementGroupCleaner that
+    watches the run's controller through the state API, and the state API finds its cluster from
+    RAY_ADDRESS or, failing that, by looking for Ray instances on the machine. With a second
+    instance on the machine (another user's, a test's) it finds two and its thread dies; the
+    placement group of every run that ends (finished, or a trial stopped by ASHA) then leaks,
+    and after a trial or two a sweep waits forever for CPUs. A new local instance gets a GCS
+    port chosen here, so that its address is known before it starts. ``init_kwargs`` go to
+    ``ray.init`` (e.g. ``num_cpus``).
+    """
     for key, value in RAY_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
-    if not ray.is_initialized():
-        ray.init(address=address)
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
+    runtime_env = dict(init_kwargs.pop("runtime_env", None) or {})
+    env_vars = dict(runtime_env.get("env_vars") or {})
+    if address == "local":
+        port = _free_port()
+        env_vars.setdefault("RAY_ADDRESS", f"{_node_ip()}:{port}")
+        previous = os.environ.get("RAY_GCS_SERVER_PORT")
+        os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+        try:
+            ray.init(address="local", runtime_env={**runtime_env, "env_vars": env_vars},
+                     **init_kwargs)  # fmt: skip
+        finally:
+            if previous is None:
+                os.environ.pop("RAY_GCS_SERVER_PORT", None)
+            else:
+                os.environ["RAY_GCS_SERVER_PORT"] = previous
+        return
+    if "://" not in address and address != "auto":  # host:port of the GCS
+        env_vars.setdefault("RAY_ADDRESS", address)
+    if env_vars:
+        runtime_env["env_vars"] = env_vars
+    ray.init(address=address, runtime_env=runtime_env or None, **init_kwargs)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _node_ip() -> str:
+    """The address a new local Ray binds (loopback under RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0),
+    as Ray itself decides it."""
+    return ray.util.get_node_ip_address()
 
 
 def _broadcast(obj: Any) -> Any:
@@ -232,7 +278,8 @@ def build_trainer(
 def train_ray(
     cfg: HREMConfig, options: RayRunOptions, *, log: Callable[[str], None] = print
 ) -> str:
-    """Fit on Ray Train; returns the path of the best checkpoint (by dev rsum)."""
+    """Fit on Ray Train; returns the path of the best checkpoint (by dev rsum), copied to
+    ``<run>/best`` when the run is on a local or mounted file system."""
     check_run_dir(options)
     result = build_trainer(cfg, options).fit()
     if result.error is not None:
@@ -243,7 +290,10 @@ def train_ray(
         raise RuntimeError(f"run {run_dir(options)} finished without a checkpoint")
     log(f"best dev {METRIC} {metrics[METRIC]:.2f} at epoch {int(metrics['epoch']) + 1}")
     _write_history(result.checkpoint.path, run_dir(options))
-    return best.path
+    if "://" in options.storage_path:
+        return best.path
+    # a stable name next to Ray's timestamped folders, as train_local and sweeps have
+    return str(copy_checkpoint(best.path, os.path.join(run_dir(options), "best")))
 
 
 def _write_history(checkpoint_path: str, path: str) -> None:

@@ -12,7 +12,6 @@ import io
 import json
 import math
 import os
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,6 @@ from hrem_ray.config import HREMConfig
 from hrem_ray.fileio import write_atomic, write_text_atomic
 from hrem_ray.train.ray_train import (
     METRIC,
-    RAY_ENV_DEFAULTS,
     RayRunOptions,
     build_trainer,
     prepare_run,
@@ -41,59 +39,6 @@ from hrem_ray.train.ray_train import (
 from hrem_ray.tune.space import SearchSpace
 
 CHECKPOINT_PATH = "checkpoint_path"  # key TuneReportCallback adds to the reported metrics
-
-
-def init_sweep_ray(address: str | None = None, **init_kwargs: Any) -> None:
-    """Join ``address`` (or RAY_ADDRESS, as under ``ray job submit``), else start a new local
-    Ray; either way every Ray process of the job gets RAY_ADDRESS naming this cluster.
-
-    Each trial's Ray Train run starts a PlacementGroupCleaner that watches the run's
-    controller through the state API, and the state API finds its cluster from RAY_ADDRESS
-    or, failing that, by looking for Ray instances on the machine. With a second instance on
-    the machine (another user's, a test's) it finds two and its thread dies; the placement
-    group of every trial that ends (finished, or stopped by ASHA) then leaks, and after a
-    trial or two the sweep waits forever for CPUs. A new local instance gets a GCS port
-    chosen here, so that its address is known before it starts. ``init_kwargs`` go to
-    ``ray.init`` (e.g. ``num_cpus``).
-    """
-    for key, value in RAY_ENV_DEFAULTS.items():
-        os.environ.setdefault(key, value)
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS") or "local"
-    runtime_env = dict(init_kwargs.pop("runtime_env", None) or {})
-    env_vars = dict(runtime_env.get("env_vars") or {})
-    if address == "local":
-        port = _free_port()
-        env_vars.setdefault("RAY_ADDRESS", f"{_node_ip()}:{port}")
-        previous = os.environ.get("RAY_GCS_SERVER_PORT")
-        os.environ["RAY_GCS_SERVER_PORT"] = str(port)
-        try:
-            ray.init(address="local", runtime_env={**runtime_env, "env_vars": env_vars},
-                     **init_kwargs)  # fmt: skip
-        finally:
-            if previous is None:
-                os.environ.pop("RAY_GCS_SERVER_PORT", None)
-            else:
-                os.environ["RAY_GCS_SERVER_PORT"] = previous
-        return
-    if "://" not in address and address != "auto":  # host:port of the GCS
-        env_vars.setdefault("RAY_ADDRESS", address)
-    if env_vars:
-        runtime_env["env_vars"] = env_vars
-    ray.init(address=address, runtime_env=runtime_env or None, **init_kwargs)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _node_ip() -> str:
-    """The address a new local Ray binds (loopback under RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0),
-    as Ray itself decides it."""
-    return ray.util.get_node_ip_address()
 
 
 @dataclass

@@ -1,0 +1,173 @@
+"""Every benchmark at a small size, summarised in one table: figure, ours, baseline, ratio.
+
+    .venv/bin/python bench/run_all.py                 # about 6 minutes on 2 CPUs
+    .venv/bin/python bench/run_all.py --markdown bench/results.md
+
+Each benchmark runs in its own process with ``--json`` and the table is built from what it
+wrote, so versions and machines can be compared line by line. The sizes are small on purpose
+(a tiny random BERT for training and serving): the figures compare our implementation with its
+baseline on the same machine and are not the full-size figures of each benchmark's docstring.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+
+
+@dataclass
+class Row:
+    figure: str
+    ours: float
+    baseline: float
+    unit: str
+    higher_is_better: bool
+
+    @property
+    def ratio(self) -> float:
+        """How many times better ours is (> 1: better)."""
+        if self.higher_is_better:
+            return self.ours / self.baseline
+        return self.baseline / self.ours
+
+
+def eval_rows(f: dict) -> list[Row]:
+    n = f["images"]
+    return [Row(f"eval ranks+recall, {n} x {5 * n} sims (vs per-query argsort)",
+                f["ours_s"], f["baseline_s"], "s", False)]  # fmt: skip
+
+
+def train_rows(f: dict) -> list[Row]:
+    by = {r["setting"]: r for r in f["rows"]}
+    plain = by["plain"]
+    rows = [
+        Row(f"train samples/s, Ray Train {s} (vs plain loop, {f['bert']} BERT)",
+            by[s]["samples_per_s"], plain["samples_per_s"], "/s", True)
+        for s in ("ray-1w", "ray-2w") if s in by
+    ]  # fmt: skip
+    rows += [
+        Row(f"train data-wait share, {s} (vs plain loop)",
+            100 * by[s]["data_wait_frac"], 100 * plain["data_wait_frac"], "%", False)
+        for s in ("ray-1w", "ray-2w") if s in by
+    ]  # fmt: skip
+    return rows
+
+
+def serve_rows(f: dict) -> list[Row]:
+    r = f["results"]
+    base = r["in-process, 1 query/call"]
+    rows = [Row("serve p50 latency at concurrency 1, HTTP (vs in-process call)",
+                r["on/1"]["p50_ms"], base["p50_ms"], "ms", False)]  # fmt: skip
+    top = max(int(k.split("/")[1]) for k in r if k.startswith("on/") and k[3:].isdigit())
+    rows.append(Row(f"serve QPS at concurrency {top}, batching on (vs off)",
+                    r[f"on/{top}"]["qps"], r[f"off/{top}"]["qps"], "/s", True))  # fmt: skip
+    return rows
+
+
+def ivf_rows(f: dict) -> list[Row]:
+    return [
+        Row(f"gallery search ms/query, IVF nprobe {r['nprobe']} (recall@10 {r['recall']:.2f}; "
+            f"vs exact, {f['n']} x {f['dim']})", r["ms"], f["exact_ms"], "ms", False)
+        for r in f["ivf"]
+    ]  # fmt: skip
+
+
+@dataclass
+class Bench:
+    name: str
+    argv: list[str]
+    rows: Callable[[dict], list[Row]]
+
+
+BENCHES = [
+    Bench("eval_speed", ["eval_speed.py", "--images", "2000", "--repeat", "3"], eval_rows),
+    Bench(
+        "train_throughput",
+        ["train_throughput.py", "--bert", "tiny", "--images", "300", "--epochs", "2"],
+        train_rows,
+    ),  # fmt: skip
+    Bench(
+        "serve_load",
+        ["serve_load.py", "--tiny", "--duration", "4", "--concurrency", "1,32", "--no-autoscale"],
+        serve_rows,
+    ),  # fmt: skip
+]
+
+
+def run(bench: Bench, work: Path, timeout: float) -> dict:
+    out = work / f"{bench.name}.json"
+    log = work / f"{bench.name}.log"
+    cmd = [sys.executable, str(BENCH / bench.argv[0]), *bench.argv[1:], "--json", str(out)]
+    print(f"== {bench.name}: {' '.join(bench.argv)}", flush=True)
+    start = time.perf_counter()
+    with log.open("w") as f:
+        done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=timeout)
+    if done.returncode != 0 or not out.is_file():
+        tail = log.read_text()[-3000:]
+        raise SystemExit(f"{bench.name} failed (exit {done.returncode}):\n{tail}")
+    print(f"   {time.perf_counter() - start:.0f} s", flush=True)
+    return json.loads(out.read_text())
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    python = platform.python_version()
+    return f"{os.cpu_count()} CPUs ({cpu}), Python {python}, torch {torch.__version__}"
+
+
+def table(rows: list[Row]) -> str:
+    lines = ["| figure | ours | baseline | ratio |", "|---|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r.figure} | {r.ours:.3g} {r.unit} | {r.baseline:.3g} {r.unit} "
+                     f"| {r.ratio:.2f}x |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--only", help="comma-separated subset of " + ",".join(b.name for b in BENCHES))
+    p.add_argument("--markdown", help="also write the table (and the machine) to this file")
+    p.add_argument("--timeout", type=float, default=400, help="seconds per benchmark")
+    a = p.parse_args()
+    chosen = BENCHES
+    if a.only:
+        names = set(a.only.split(","))
+        unknown = names - {b.name for b in BENCHES}
+        if unknown:
+            p.error(f"unknown benchmark(s) {sorted(unknown)}")
+        chosen = [b for b in BENCHES if b.name in names]
+    start = time.perf_counter()
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="hrem-bench-all-") as tmp:
+        for bench in chosen:
+            rows += bench.rows(run(bench, Path(tmp), a.timeout))
+    took = time.perf_counter() - start
+    text = (f"{table(rows)}\n\nratio: how many times better ours is. Machine: {machine()}; "
+            f"load average {os.getloadavg()[0]:.1f}; {took:.0f} s in all.")  # fmt: skip
+    print("\n" + text)
+    if a.markdown:
+        Path(a.markdown).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
