@@ -1,6 +1,6 @@
 """Every benchmark at a small size, summarised in one table: figure, ours, baseline, ratio.
 
-    .venv/bin/python bench/run_all.py                 # about 6 minutes on 2 CPUs
+    .venv/bin/python bench/run_all.py                 # about 7 minutes on 2 CPUs
     .venv/bin/python bench/run_all.py --markdown bench/results.md
 
 Each benchmark runs in its own process with ``--json`` and the table is built from what it
@@ -102,6 +102,11 @@ BENCHES = [
         ["serve_load.py", "--tiny", "--duration", "4", "--concurrency", "1,32", "--no-autoscale"],
         serve_rows,
     ),  # fmt: skip
+    Bench(
+        "ivf_recall",
+        ["ivf_recall.py", "--n", "50000", "--nlist", "256", "--nprobe", "8", "32"],
+        ivf_rows,
+    ),
 ]
 
 
