@@ -279,17 +279,21 @@ def test_fit_continues_from_state_and_without_evaluate(cfg):
 
 
 @pytest.mark.parametrize("flush", [True, False])
-def test_fit_sets_denormal_flushing(cfg, flush):
-    cfg.train.epochs = 1
+def test_fit_flushes_denormals_only_while_it_runs(cfg, flush):
+    cfg.train.epochs = 2
     cfg.train.flush_denormal = flush
     model = build_model(cfg.model, pretrained=False)
-    try:
-        fit(model, build_optimizer(model, cfg.train), cfg, epoch_batches=lambda e: [],
-            evaluate=None, report=lambda r: None, log=None)  # fmt: skip
-        subnormal = torch.tensor(1e-40) * 1.0  # float32 subnormal: flushed to 0 or kept
-        assert (float(subnormal) == 0.0) == flush
-    finally:
-        torch.set_flush_denormal(False)
+    seen = []
+
+    def epoch_batches(epoch):
+        seen.append(float(torch.tensor(1e-40) * 1.0) == 0.0)  # float32 subnormal flushed?
+        return []
+
+    before = loop.flushing_denormals()
+    fit(model, build_optimizer(model, cfg.train), cfg, epoch_batches=epoch_batches,
+        evaluate=None, report=lambda r: None, log=None)  # fmt: skip
+    assert seen == [flush, flush]
+    assert loop.flushing_denormals() is before is False  # restored (hypothesis checks it)
 
 
 def test_zero_bert_lr_factor_freezes_the_backbone(cfg, batches):

@@ -8,10 +8,11 @@ sees the global batch.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -164,26 +165,43 @@ def fit(
     on the test split). ``report`` is where checkpoints get written.
     """
     state = state or TrainState()
-    torch.set_flush_denormal(cfg.train.flush_denormal)  # a no-op where unsupported
-    while state.epoch < cfg.train.epochs:
-        epoch = state.epoch
-        factor = set_epoch_lr(optimizer, epoch, cfg.train)
-        metrics = train_epoch(
-            model, epoch_batches(epoch), optimizer, state, cfg,
-            device=device, generator=generator, gather=gather, log=log,
-        )  # fmt: skip
-        metrics["lr_factor"] = factor
-        if evaluate is not None:
-            metrics.update(evaluate(getattr(model, "module", model)))
-        is_best = "rsum" in metrics and metrics["rsum"] > state.best_rsum
-        if is_best:
-            state.best_rsum, state.best_epoch = float(metrics["rsum"]), epoch
-        state.epoch = epoch + 1
-        state.history.append({"epoch": epoch, **_scalars(metrics)})
-        if log:
-            log(_epoch_line(epoch, cfg.train.epochs, metrics, is_best))
-        report(EpochReport(epoch, metrics, is_best, state))
+    with flush_denormals(cfg.train.flush_denormal):
+        while state.epoch < cfg.train.epochs:
+            epoch = state.epoch
+            factor = set_epoch_lr(optimizer, epoch, cfg.train)
+            metrics = train_epoch(
+                model, epoch_batches(epoch), optimizer, state, cfg,
+                device=device, generator=generator, gather=gather, log=log,
+            )  # fmt: skip
+            metrics["lr_factor"] = factor
+            if evaluate is not None:
+                metrics.update(evaluate(getattr(model, "module", model)))
+            is_best = "rsum" in metrics and metrics["rsum"] > state.best_rsum
+            if is_best:
+                state.best_rsum, state.best_epoch = float(metrics["rsum"]), epoch
+            state.epoch = epoch + 1
+            state.history.append({"epoch": epoch, **_scalars(metrics)})
+            if log:
+                log(_epoch_line(epoch, cfg.train.epochs, metrics, is_best))
+            report(EpochReport(epoch, metrics, is_best, state))
     return state
+
+
+def flushing_denormals() -> bool:
+    """Whether this thread flushes subnormal floats to zero (torch has no getter)."""
+    return float(torch.tensor(1e-40, dtype=torch.float32) * 1.0) == 0.0
+
+
+@contextlib.contextmanager
+def flush_denormals(enabled: bool) -> Iterator[None]:
+    """Flush subnormals (or not) inside the block and restore the previous setting after it:
+    the setting is the calling thread's CPU state, which other code (e.g. hypothesis) checks."""
+    before = flushing_denormals()
+    torch.set_flush_denormal(enabled)  # a no-op where unsupported
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(before)
 
 
 def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
