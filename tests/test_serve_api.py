@@ -276,6 +276,9 @@ FEATURE_ERRORS = [
     ([[1e39] + ROW[1:]], "non-finite"),  # finite in JSON, inf as float32
     ([[1e20] * IMG_DIM], "too large"),  # finite float32, but the model overflows
     ([[-3e38] * IMG_DIM, ROW], "too large"),
+    # found by the fuzz test: the model's output is finite, but its squared norm overflows in
+    # the final L2 normalisation and the "embedding" is a zero vector
+    ([[0.0] * (IMG_DIM - 1) + [1.6756583595585307e19]], "too large"),
     ("abc", "features"),
     ({"a": 1}, "features"),
 ]

@@ -122,8 +122,10 @@ class RetrievalService:
         with torch.inference_mode():
             out = self.model.embed_images(x, torch.tensor([len(features)], device=self.device))
         emb = out.float().cpu().numpy()[0]
-        if not np.isfinite(emb).all():  # finite but huge inputs (1e20) overflow in the model
-            raise RequestError("features too large: the model's output is not finite")
+        # Finite but huge inputs (1e19) overflow inside the model: to inf/NaN, or to a zero
+        # vector when the squared norm overflows in the final L2 normalisation.
+        if not np.isfinite(emb).all() or abs(np.linalg.norm(emb.astype(np.float64)) - 1) > 1e-3:
+            raise RequestError("features too large: the model's output is not a unit vector")
         return emb
 
     # -- search -----------------------------------------------------------------------
