@@ -69,6 +69,9 @@ def serve_rows(f: dict) -> list[Row]:
     base = r["in-process, 1 query/call"]
     rows = [Row("serve p50 latency at concurrency 1, HTTP (vs in-process call)",
                 r["on/1"]["p50_ms"], base["p50_ms"], "ms", False)]  # fmt: skip
+    rows.append(Row("serve overhead at concurrency 1 (vs Serve's floor: echo app, 2 deployments)",
+                    r["on/1"]["p50_ms"] - base["p50_ms"],
+                    r["floor/ingress + 1 deployment"]["p50_ms"], "ms", False))  # fmt: skip
     top = max(int(k.split("/")[1]) for k in r if k.startswith("on/") and k[3:].isdigit())
     rows.append(Row(f"serve QPS at concurrency {top}, batching on (vs off)",
                     r[f"on/{top}"]["qps"], r[f"off/{top}"]["qps"], "/s", True))  # fmt: skip

@@ -1,7 +1,8 @@
 """Load-test the Ray Serve retrieval app: latency, throughput, batching and autoscaling.
 
-    .venv/bin/python bench/serve_load.py            # MiniLM backbone, 36x2048 features (~4 min)
-    .venv/bin/python bench/serve_load.py --tiny     # tiny random BERT, 6x24 features (quick)
+    .venv/bin/python bench/serve_load.py              # MiniLM backbone, 36x2048 features (~4 min)
+    .venv/bin/python bench/serve_load.py --tiny       # tiny random BERT, 6x24 features (quick)
+    .venv/bin/python bench/serve_load.py --bert-base  # the paper's model size, random weights
     .venv/bin/python bench/serve_load.py --checkpoint C --gallery G
 
 Starts a private local Ray (``address="local"``: it never joins another cluster on the machine),
@@ -10,7 +11,11 @@ serves the real app with ``run_service`` on 127.0.0.1 and a free port, and drive
 persistent HTTP connection each, bounded by time and by request count. Settings:
 
 * in-process baseline: ``RetrievalService.embed_texts`` + ``images_for`` in this process, one
-  query per call (concurrency 1) and 32 queries per call (the batched model's ceiling);
+  query per call (concurrency 1) and 32 queries per call; their QPS ratio is what batching can
+  give at most with this model on this CPU, the ceiling for Serve's batching speed-up;
+* Serve's floor on this machine: two echo apps with no model, a FastAPI ingress answering
+  alone and a FastAPI ingress calling one deployment (this app's shape), at concurrency 1. The
+  latency they add is what any app pays on this machine before doing any work;
 * Serve with batching on (``max_batch_size`` 32) and off (1, redeployed through
   ``Retriever.options(user_config=...)`` and a second ``serve.run``), one replica, at
   concurrency 1, 8 and 32;
@@ -44,15 +49,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-ENV = {
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_AUTH_MODE": "disabled",
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-    "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
+from hrem_ray.env import set_env_defaults
+
+MODELS = {
+    "tiny": "tiny random BERT, 6x24 features",
+    "minilm": "MiniLM, 36x2048",
+    "bert-base": "bert-base shape (random weights), the paper's model config, 36x2048",
 }
+BERT_BASE = ["--hidden", "768", "--layers", "12", "--heads", "12", "--intermediate", "3072"]
 TINY_MODEL = [
     f"--set=model.{k}={v}"
     for k, v in dict(img_dim=24, embed_size=32, num_heads=4, ff_dim=32, mlp_hidden=16).items()
@@ -72,6 +76,7 @@ def _percentile(sorted_values: list[float], q: float) -> float:
 def _worker(
     host: str,
     port: int,
+    path: str,
     bodies: list[bytes],
     offset: int,
     start: threading.Barrier,
@@ -95,7 +100,7 @@ def _worker(
         i += 1
         t0 = time.perf_counter()
         try:
-            conn.request("POST", "/search/text", body, headers)
+            conn.request("POST", path, body, headers)
             resp = conn.getresponse()
             resp.read()
             ok = resp.status == 200
@@ -117,6 +122,7 @@ def run_load(
     duration_s: float,
     max_requests: int,
     stop: Any,
+    path: str = "/search/text",
 ) -> dict[str, Any]:
     """Closed loop: ``concurrency`` threads, each one request at a time on its own connection.
     Counted: the requests that complete in the window from WARMUP_S after the start to the end
@@ -136,7 +142,9 @@ def run_load(
     barrier = threading.Barrier(concurrency)
     cpu0 = _cpu_s()
     threads = [
-        threading.Thread(target=_worker, args=(host, port, bodies, i * 7, barrier, state, lock))
+        threading.Thread(
+            target=_worker, args=(host, port, path, bodies, i * 7, barrier, state, lock)
+        )
         for i in range(concurrency)
     ]
     for t in threads:
@@ -181,21 +189,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def build_world(work: Path, tiny: bool, test_images: int) -> tuple[Path, Path]:
+def build_world(work: Path, model: str, test_images: int) -> tuple[Path, Path]:
     """A fresh checkpoint and a gallery over synthetic features (CLI commands, in-process)."""
     from hrem_ray.cli import main
 
     data, ckpt, gallery = work / "data", work / "ckpt", work / "gallery"
-    if tiny:
+    if model == "tiny":
         main(["tiny-bert", "--out", str(work / "bert")])
         main(["synth", "--out", str(data), "--train-images", "20", "--dev-images", "5",
               "--test-images", str(test_images), "--regions", "6", "--dim", "24"])  # fmt: skip
         main(["init-checkpoint", "--out", str(ckpt), "--bert-path", str(work / "bert"),
               *TINY_MODEL])  # fmt: skip
-    else:  # the offline MiniLM backbone and the synth defaults (36 regions x 2048)
+    else:  # the synth defaults (36 regions x 2048) and the default model config
         main(["synth", "--out", str(data), "--train-images", "10", "--dev-images", "5",
               "--test-images", str(test_images)])  # fmt: skip
-        main(["init-checkpoint", "--out", str(ckpt)])
+        bert = []  # the offline MiniLM backbone
+        if model == "bert-base":
+            main(["tiny-bert", "--out", str(work / "bert"), *BERT_BASE])
+            bert = ["--bert-path", str(work / "bert")]
+        main(["init-checkpoint", "--out", str(ckpt), *bert])
     main(["index", "--checkpoint", str(ckpt), "--data-path", str(data), "--dataset", "f30k",
           "--split", "test", "--out", str(gallery)])  # fmt: skip
     return ckpt, gallery
@@ -250,6 +262,42 @@ def through_handle(queries: list[str], duration_s: float) -> dict[str, Any]:
         "p99_ms": 1000 * _percentile(lat, 99),
         "qps": len(lat) / sum(lat) if lat else float("nan"),
         "client_cpu": float("nan"),
+    }
+
+
+def floor_apps() -> dict[str, Any]:
+    """Echo apps with no model (POST /echo returns its JSON body): Serve's own cost here."""
+    from fastapi import FastAPI
+    from ray import serve
+
+    alone, forwarding = FastAPI(), FastAPI()
+    options = {"ray_actor_options": {"num_cpus": 0.1}}
+
+    @serve.deployment(**options)
+    class Echo:
+        async def echo(self, body: dict) -> dict:
+            return body
+
+    @serve.deployment(**options)
+    @serve.ingress(alone)
+    class EchoIngress:
+        @alone.post("/echo")
+        async def echo(self, body: dict) -> dict:
+            return body
+
+    @serve.deployment(**options)
+    @serve.ingress(forwarding)
+    class ForwardingIngress:
+        def __init__(self, echo: Any):
+            self.echo_deployment = echo
+
+        @forwarding.post("/echo")
+        async def echo(self, body: dict) -> dict:
+            return await self.echo_deployment.echo.remote(body)
+
+    return {
+        "ingress alone": EchoIngress.bind(),
+        "ingress + 1 deployment": ForwardingIngress.bind(Echo.bind()),
     }
 
 
@@ -373,7 +421,7 @@ def autoscale_phase(a, c, base, load, stop, rows, log) -> dict[str, Any]:
 def fmt_row(name: str, c: Any, r: dict[str, Any], batch: str) -> str:
     cpu = "" if r["client_cpu"] != r["client_cpu"] else f"{100 * r['client_cpu']:.0f}%"
     return (
-        f"| {name:<36} | {c!s:>4} | {r['n']:>6} | {r['errors']:>4} | {r['p50_ms']:>8.1f} "
+        f"| {name:<41} | {c!s:>4} | {r['n']:>6} | {r['errors']:>4} | {r['p50_ms']:>8.1f} "
         f"| {r['p99_ms']:>8.1f} | {r['qps']:>7.1f} | {batch:>6} | {cpu:>6} |"
     )
 
@@ -382,7 +430,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", help="use this checkpoint (with --gallery)")
     p.add_argument("--gallery", help="gallery folder written by hrem-ray index")
-    p.add_argument("--tiny", action="store_true", help="tiny random BERT and 6x24 features")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--tiny", action="store_true", help="tiny random BERT and 6x24 features")
+    size.add_argument(
+        "--bert-base", action="store_true", help="a random BERT of bert-base's shape (HREM's)"
+    )
     p.add_argument("--test-images", type=int, default=100, help="gallery size when building one")
     p.add_argument("--duration", type=float, default=6.0, help="measured seconds per setting")
     p.add_argument("--max-requests", type=int, default=20000, help="cap per setting")
@@ -396,8 +448,8 @@ def main(argv: list[str] | None = None) -> int:
     if bool(a.checkpoint) != bool(a.gallery):
         p.error("--checkpoint and --gallery go together")
     levels = [int(x) for x in a.concurrency.split(",")]
-    for key, value in ENV.items():
-        os.environ.setdefault(key, value)
+    model = "tiny" if a.tiny else "bert-base" if a.bert_base else "minilm"
+    set_env_defaults()
     started = time.monotonic()
     log = lambda msg: print(f"[{time.monotonic() - started:6.1f} s] {msg}", flush=True)  # noqa: E731
     load0 = os.getloadavg()
@@ -415,8 +467,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         tmp = tempfile.TemporaryDirectory(prefix="hrem_serve_load_")
         work = Path(a.work) if a.work else Path(tmp.name)
-        log(f"building a {'tiny' if a.tiny else 'MiniLM'} checkpoint and gallery in {work}")
-        ckpt, gallery = build_world(work, a.tiny, a.test_images)
+        log(f"building a {model} checkpoint and gallery in {work}")
+        ckpt, gallery = build_world(work, model, a.test_images)
 
     import ray
     import torch
@@ -437,11 +489,13 @@ def main(argv: list[str] | None = None) -> int:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
 
-    def load(c: int, duration: float, max_requests: int | None = None) -> dict[str, Any]:
+    def load(
+        c: int, duration: float, max_requests: int | None = None, path: str = "/search/text"
+    ) -> dict[str, Any]:
         limit = max_requests or a.max_requests
         parent.send(
             dict(host="127.0.0.1", port=port, bodies=bodies, concurrency=c, duration_s=duration,
-                 max_requests=limit)
+                 max_requests=limit, path=path)
         )  # fmt: skip
         return parent.recv()
 
@@ -462,6 +516,13 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(fmt_row(name, 1, r, str(batch)))
             log(rows[-1])
         del service
+
+        for name, floor_app in floor_apps().items():
+            serve.run(floor_app, name="floor", route_prefix="/floor")
+            results[f"floor/{name}"] = r = load(1, a.duration, path="/floor/echo")
+            rows.append(fmt_row(f"Serve floor: echo, {name}", 1, r, "-"))
+            log(rows[-1])
+            serve.delete("floor")
 
         for mode, max_batch in (("on", 32), ("off", 1)):
             if mode == "off":
@@ -500,11 +561,11 @@ def main(argv: list[str] | None = None) -> int:
                 tmp.cleanup()
 
     header = (
-        f"| {'setting':<36} | {'conc':>4} | {'n':>6} | {'err':>4} | {'p50 ms':>8} "
+        f"| {'setting':<41} | {'conc':>4} | {'n':>6} | {'err':>4} | {'p50 ms':>8} "
         f"| {'p99 ms':>8} | {'QPS':>7} | {'batch':>6} | {'client':>6} |"
     )
     print()
-    print(f"model: {'tiny random BERT, 6x24 features' if a.tiny else 'MiniLM, 36x2048'}; "
+    print(f"model: {MODELS[model]}; "
           f"checkpoint {a.checkpoint or 'built fresh'}; gallery {n_images} images; "
           f"{a.duration:g} s per setting after {WARMUP_S:g} s warm-up; k={K}")  # fmt: skip
     print(header)
@@ -515,11 +576,17 @@ def main(argv: list[str] | None = None) -> int:
           "load-generator process")  # fmt: skip
 
     base1 = results["in-process, 1 query/call"]
+    floor = {name: results[f"floor/{name}"]["p50_ms"] for name in floor_apps()}
+    print(f"Serve's floor at concurrency 1 on this machine (echo apps, no model, p50): "
+          f"{floor['ingress alone']:.1f} ms for an ingress alone, "
+          f"{floor['ingress + 1 deployment']:.1f} ms for an ingress calling one deployment "
+          f"(this app's shape)")  # fmt: skip
     for mode in ("on", "off"):
         if f"{mode}/1" in results:
             r = results[f"{mode}/1"]
             over50, over99 = r["p50_ms"] - base1["p50_ms"], r["p99_ms"] - base1["p99_ms"]
             ok = over50 <= 5.0
+            over_floor = over50 - floor["ingress + 1 deployment"]
             h = results.get(f"{mode}/handle")
             split = (
                 f"; the handle call alone adds {h['p50_ms'] - base1['p50_ms']:+.1f} ms p50, "
@@ -529,13 +596,17 @@ def main(argv: list[str] | None = None) -> int:
             )
             print(f"Serve overhead at concurrency 1, batching {mode}: p50 {over50:+.1f} ms, "
                   f"p99 {over99:+.1f} ms over in-process "
-                  f"({'within' if ok else 'OVER'} the 5 ms target){split}")  # fmt: skip
+                  f"({'within' if ok else 'OVER'} the 5 ms target; "
+                  f"{over_floor:+.1f} ms over the floor){split}")  # fmt: skip
     top = max(levels)
     if f"on/{top}" in results and f"off/{top}" in results:
         speedup = results[f"on/{top}"]["qps"] / max(results[f"off/{top}"]["qps"], 1e-9)
         ok = speedup >= 3.0
+        ceiling = results["in-process, 32 queries/call"]["qps"] / base1["qps"]
         print(f"batching speed-up at concurrency {top}: {speedup:.2f}x QPS "
-              f"({'meets' if ok else 'BELOW'} the 3x target)")  # fmt: skip
+              f"({'meets' if ok else 'BELOW'} the 3x target); in-process, 32 queries per call "
+              f"give {ceiling:.2f}x the QPS of one, the most batching can give this model on "
+              f"this CPU")  # fmt: skip
     if scale:
         up, decided, down = scale.get("up_at"), scale.get("decided_at"), scale.get("down_after")
         parts = [f"autoscaling (max_replicas 2, concurrency {top}, load {scale['load_s']:.0f} s):"]
@@ -556,7 +627,7 @@ def main(argv: list[str] | None = None) -> int:
         print(parts[0], "; ".join(parts[1:]))
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"tiny": a.tiny, "results": results, "scale": scale}, f, default=str)
+            json.dump({"model": model, "results": results, "scale": scale}, f, default=str)
     load1 = os.getloadavg()
     print(f"load average (1/5/15 min): start {load0[0]:.2f}/{load0[1]:.2f}/{load0[2]:.2f}, "
           f"end {load1[0]:.2f}/{load1[1]:.2f}/{load1[2]:.2f}; {os.cpu_count()} CPUs; "

@@ -33,14 +33,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-for _key, _value in {
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_AUTH_MODE": "disabled",
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-    "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-}.items():
-    os.environ.setdefault(_key, _value)
+from hrem_ray.env import set_env_defaults
+
+set_env_defaults()  # before Ray or transformers start
 
 import torch  # noqa: E402
 

@@ -7,12 +7,12 @@ offline default here is all-MiniLM-L6-v2 (same vocabulary, hidden size 384).
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+from hrem_ray.env import OFFLINE_ENV, set_env_defaults
+
+set_env_defaults(OFFLINE_ENV)  # before transformers is imported
 
 from transformers import BertConfig, BertModel  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
@@ -81,12 +81,15 @@ def write_tiny_bert(
     hidden: int = 32,
     layers: int = 2,
     heads: int = 2,
+    intermediate: int | None = None,
     seed: int = 0,
 ) -> Path:
     """Write a small randomly initialised BERT (config, weights, vocab) for tests and CI.
 
     The vocabulary is the real bert-base-uncased one (taken from ``vocab_from``, by
-    default the offline MiniLM folder), so tokenisation stays realistic.
+    default the offline MiniLM folder), so tokenisation stays realistic. With hidden 768,
+    12 layers, 12 heads and intermediate 3072 it has bert-base's shape (and speed) for
+    benchmarks, without its weights.
     """
     import torch
 
@@ -99,7 +102,7 @@ def write_tiny_bert(
         hidden_size=hidden,
         num_hidden_layers=layers,
         num_attention_heads=heads,
-        intermediate_size=hidden * 2,
+        intermediate_size=intermediate or hidden * 2,
         max_position_embeddings=512,
     )
     torch.manual_seed(seed)

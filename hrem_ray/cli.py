@@ -43,7 +43,15 @@ def cmd_synth(a: argparse.Namespace) -> None:
 def cmd_tiny_bert(a: argparse.Namespace) -> None:
     from hrem_ray.backbone import write_tiny_bert
 
-    _log(f"wrote {write_tiny_bert(a.out, hidden=a.hidden, layers=a.layers, seed=a.seed)}")
+    out = write_tiny_bert(
+        a.out,
+        hidden=a.hidden,
+        layers=a.layers,
+        heads=a.heads,
+        intermediate=a.intermediate,
+        seed=a.seed,
+    )
+    _log(f"wrote {out}")
 
 
 def _config(a: argparse.Namespace):
@@ -263,10 +271,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_synth)
 
-    p = sub.add_parser("tiny-bert", help="write a tiny random BERT (tests, CI)")
+    p = sub.add_parser(
+        "tiny-bert",
+        help="write a small random BERT (tests, CI; bert-base's shape for benchmarks)",
+    )
     p.add_argument("--out", required=True)
     p.add_argument("--hidden", type=int, default=32)
     p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--heads", type=int, default=2)
+    p.add_argument("--intermediate", type=int, help="feed-forward width (default 2 x hidden)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_tiny_bert)
 

@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import os
+from hrem_ray.env import set_env_defaults
 
-# Set before anything can start Ray (see ../shared/docs/ray-notes.md).
-for _key, _value in {
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_AUTH_MODE": "disabled",
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-    "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-}.items():
-    os.environ.setdefault(_key, _value)
+set_env_defaults()  # before anything can start Ray (see ../shared/docs/ray-notes.md)
 
+import psutil  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from hrem_ray.backbone import write_tiny_bert  # noqa: E402
+from hrem_ray.cli import main  # noqa: E402
 from hrem_ray.config import ModelConfig  # noqa: E402
 
 torch.set_num_threads(1)
@@ -44,3 +36,29 @@ def small_cfg(tiny_bert) -> ModelConfig:
         dropout=0.0,
         warmup=0,
     )
+
+
+def alive(procs: list[psutil.Process]) -> list[psutil.Process]:
+    """The processes of ``procs`` still running (zombies count as gone)."""
+    running = []
+    for p in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                running.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return running
+
+
+def run_err(capsys, *argv: str) -> str:
+    """Run an ``hrem-ray`` command that must fail as a user error (exit 2, no traceback);
+    returns its one error line."""
+    with pytest.raises(SystemExit) as exc:
+        main(list(argv))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"hrem-ray {argv[0]}: error: "), lines[0]
+    return lines[0]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_err
 
 from hrem_ray.checkpoint import load_checkpoint
 from hrem_ray.cli import main
@@ -33,19 +34,6 @@ RESULT_KEYS = {"i2t", "t2i", "rsum", "n_images", "n_captions"}
 def run_ok(capsys, *argv: str) -> str:
     main(list(argv))
     return capsys.readouterr().out
-
-
-def run_err(capsys, *argv: str) -> str:
-    """Run a command that must fail as a user error; returns its one error line."""
-    with pytest.raises(SystemExit) as exc:
-        main(list(argv))
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith(f"hrem-ray {argv[0]}: error: "), lines[0]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +112,23 @@ def test_config_errors_name_the_key(capsys, tmp_path, tiny_bert, pair, word):
     )
     assert word in line
     assert not out.exists()
+
+
+def test_tiny_bert_shape_options(capsys, tmp_path):
+    """``tiny-bert --heads/--intermediate`` (bench/serve_load.py's bert-base shape) reach the
+    config, and the model built from it has that shape."""
+    from hrem_ray.backbone import build_bert
+
+    out = tmp_path / "b"
+    run_ok(capsys, "tiny-bert", "--out", str(out), "--hidden", "48", "--layers", "1",
+           "--heads", "3", "--intermediate", "80")  # fmt: skip
+    bert = build_bert(out, pretrained=True)
+    cfg = bert.config
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads) == (48, 1, 3)
+    assert bert.encoder.layer[0].intermediate.dense.out_features == 80
+    default = tmp_path / "d"
+    run_ok(capsys, "tiny-bert", "--out", str(default), "--hidden", "48")
+    assert json.loads((default / "config.json").read_text())["intermediate_size"] == 96
 
 
 def test_init_checkpoint_missing_backbone(capsys, tmp_path):

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import run_err
 
 from hrem_ray.checkpoint import load_checkpoint
 from hrem_ray.cli import main
@@ -299,18 +300,6 @@ def test_a_failed_rebuild_keeps_the_old_gallery(world, tmp_path, monkeypatch):
 # --------------------------------------------------------------------------------------------
 # hrem-ray index: user errors
 # --------------------------------------------------------------------------------------------
-
-
-def run_err(capsys, *argv: str) -> str:
-    with pytest.raises(SystemExit) as exc:
-        main(list(argv))
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith(f"hrem-ray {argv[0]}: error: "), lines[0]
-    return lines[0]
 
 
 INDEX_ERRORS = {

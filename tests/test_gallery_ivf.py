@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import run_err
 
 from hrem_ray.cli import main
 from hrem_ray.index.gallery import (
@@ -280,15 +281,6 @@ def world(tmp_path_factory, tiny_bert) -> dict[str, Any]:
     common = ["--checkpoint", str(ckpt), "--data-path", str(data), "--dataset", "f30k"]
     main(["index", *common, "--out", str(root / "exact")])
     return {"ckpt": ckpt, "common": common, "exact": root / "exact", "root": root}
-
-
-def run_err(capsys, *argv: str) -> str:
-    with pytest.raises(SystemExit) as exc:
-        main(list(argv))
-    assert exc.value.code == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("hrem-ray index: error: "), lines
-    return lines[0]
 
 
 @pytest.mark.parametrize(

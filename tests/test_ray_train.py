@@ -12,7 +12,6 @@ compete for the 2 cores. See ../shared/docs/ray-notes.md.
 from __future__ import annotations
 
 import csv
-import importlib
 import ipaddress
 import json
 import os
@@ -30,28 +29,21 @@ import urllib.request
 from collections import defaultdict
 from pathlib import Path
 
+import psutil
 import pytest
 import ray
+from conftest import alive
 
 from hrem_ray.checkpoint import load_checkpoint, load_train_state, read_record
 from hrem_ray.cli import main
 from hrem_ray.config import load_config
 from hrem_ray.data.precomp import open_split
 from hrem_ray.data.synth import write_synthetic
+from hrem_ray.env import ENV_DEFAULTS
 from hrem_ray.train.ray_train import RayRunOptions, train_ray
-
-# psutil is not a dependency of its own: Ray vendors it (ray/thirdparty_files), importable
-# once ray is imported.
-psutil = importlib.import_module("psutil")
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's ray / hrem-ray
-RAY_ENV = {
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_AUTH_MODE": "disabled",
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-    "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
-}
 WORKERS = 2
 BATCH = 16  # global batch: 8 rows per worker
 TRAIN_IMAGES = 60  # x 5 captions = 300 pairs: 300 // 2 workers // 8 = 18 steps per epoch
@@ -161,7 +153,7 @@ def _tensorboard_steps(folder: Path) -> dict[str, list[int]]:
 
 def _subprocess_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
-    env.update(RAY_ENV)
+    env.update(ENV_DEFAULTS)
     env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"  # SIGTERM: stop now, no 30 s drain
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     return env
@@ -218,17 +210,6 @@ def _is_loopback(ip: str) -> bool:
     return (getattr(address, "ipv4_mapped", None) or address).is_loopback
 
 
-def _alive(procs: list[psutil.Process]) -> list[psutil.Process]:
-    alive = []
-    for p in procs:
-        try:
-            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
-                alive.append(p)
-        except psutil.NoSuchProcess:
-            pass
-    return alive
-
-
 def _stop_cluster(head: subprocess.Popen, temp_dir: str) -> list[psutil.Process]:
     """Stop exactly the cluster of ``ray start --block`` (``head``); returns what it held.
 
@@ -243,10 +224,10 @@ def _stop_cluster(head: subprocess.Popen, temp_dir: str) -> list[psutil.Process]
     except subprocess.TimeoutExpired:
         head.kill()
         head.wait(timeout=10)
-    psutil.wait_procs(_alive(procs), timeout=30)
-    for p in _alive(procs):
+    psutil.wait_procs(alive(procs), timeout=30)
+    for p in alive(procs):
         p.kill()
-    psutil.wait_procs(_alive(procs), timeout=10)
+    psutil.wait_procs(alive(procs), timeout=10)
     return procs
 
 
@@ -338,8 +319,8 @@ def test_job_submit_to_started_cluster(synth_data, tiny_bert, tmp_path):
         procs = _stop_cluster(head, temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
     assert len(procs) >= 3  # gcs_server, raylet, dashboard, ... were found and stopped
-    assert not _alive(procs), _alive(procs)
-    assert not _alive(_cluster_processes(head.pid, temp_dir))
+    assert not alive(procs), alive(procs)
+    assert not alive(_cluster_processes(head.pid, temp_dir))
 
 
 # --------------------------------------------------------------------------- in-process

@@ -39,32 +39,23 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import ray
 import yaml
+from conftest import alive
 from ray.tune.search.sample import Categorical, Float, Integer, LogUniform, Quantized
 
 from hrem_ray.checkpoint import load_checkpoint, read_record
 from hrem_ray.cli import main
 from hrem_ray.config import HREMConfig, load_config
 from hrem_ray.data.synth import write_synthetic
+from hrem_ray.env import ENV_DEFAULTS
 from hrem_ray.train.ray_train import init_ray
 from hrem_ray.tune.space import SearchSpace, SpaceError, load_space, parse_space
 from hrem_ray.tune.sweep import SweepOptions, run_sweep, trial_config
 
-# psutil comes with Ray (ray/thirdparty_files), importable once ray is imported.
-psutil = importlib.import_module("psutil")
-
 REPO = Path(__file__).resolve().parents[1]
-RAY_ENV = {
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_AUTH_MODE": "disabled",
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-    "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-}
 EPOCHS = 2
 BATCH = 32
 # 300 images x 5 captions: 46 steps of 32 per epoch, enough for lr 3e-3 to leave chance level
@@ -518,7 +509,7 @@ RESUME_SPACE = {
 
 def _subprocess_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
-    env.update(RAY_ENV)
+    env.update(ENV_DEFAULTS)
     # Tune saves the experiment state (what a resume reads) at most every 10 s by default;
     # every second here, so the kill lands right after the second trial's first checkpoint
     env["TUNE_GLOBAL_CHECKPOINT_S"] = "1"
@@ -587,17 +578,6 @@ def _session_processes(leader: int, raylets: set[int] = frozenset()) -> list[psu
     return list(found.values())
 
 
-def _alive(procs: list[psutil.Process]) -> list[psutil.Process]:
-    alive = []
-    for p in procs:
-        try:
-            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
-                alive.append(p)
-        except psutil.NoSuchProcess:
-            pass
-    return alive
-
-
 def _kill_session(proc: subprocess.Popen) -> list[psutil.Process]:
     """SIGKILL the driver's process group and, at the same moment, every process it started
     (Ray's workers run in process groups of their own and would otherwise go on for a while,
@@ -612,7 +592,7 @@ def _kill_session(proc: subprocess.Popen) -> list[psutil.Process]:
         with contextlib.suppress(psutil.Error):
             p.kill()
     proc.wait(timeout=30)
-    psutil.wait_procs(_alive(procs), timeout=30)
+    psutil.wait_procs(alive(procs), timeout=30)
     return procs
 
 
@@ -674,9 +654,9 @@ def test_interrupted_sweep_resumes(no_ray, sweep_data, tiny_bert, tmp_path, caps
     interrupted = time.monotonic() - start
     names = {getattr(p, "label", "") for p in procs}
     assert {"gcs_server", "raylet"} <= names and any(n.startswith("ray::") for n in names)
-    assert not _alive(procs), [p.pid for p in _alive(procs)]
+    assert not alive(procs), [p.pid for p in alive(procs)]
     raylets = {p.pid for p in procs if getattr(p, "label", "") == "raylet"}
-    assert not _alive(_session_processes(proc.pid, raylets))  # nothing started since
+    assert not alive(_session_processes(proc.pid, raylets))  # nothing started since
     assert not (sweep / "trials.json").exists()  # it did not get to the end
     assert sorted(_registered(sweep / "trials" / first).values()) == [0, 1]
     # usually epoch 1 only; both when the second epoch was quicker than the kill
@@ -693,7 +673,7 @@ def test_interrupted_sweep_resumes(no_ray, sweep_data, tiny_bert, tmp_path, caps
         procs = _kill_session(proc)  # its Ray, if anything outlived the driver
     output = out_log.read_text()
     assert returncode == 0, output[-3000:] + err_log.read_text()[-3000:]
-    assert not _alive(procs)
+    assert not alive(procs)
     assert "resuming sweep" in output
     best = _best_from_stdout(output)
     with capsys.disabled():

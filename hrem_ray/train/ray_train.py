@@ -29,6 +29,7 @@ from hrem_ray.config import HREMConfig
 from hrem_ray.data.precomp import PrecompSplit, open_split
 from hrem_ray.data.ray_data import pairs_dataset, shard_batches
 from hrem_ray.data.tokenize import CaptionTokenizer
+from hrem_ray.env import set_env_defaults
 from hrem_ray.eval.evaluate import evaluate_split, flat_metrics
 from hrem_ray.model import build_model
 from hrem_ray.train.distributed import gather_encoded, world_size, wrap_ddp
@@ -59,16 +60,6 @@ class RayRunOptions:
     resume: bool = False
 
 
-# Set before Ray starts; every Ray process inherits them (../shared/docs/ray-notes.md).
-# For a shared cluster use RAY_AUTH_MODE=token instead (see the README).
-RAY_ENV_DEFAULTS = {
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_AUTH_MODE": "disabled",
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-    "RAY_DATA_DISABLE_PROGRESS_BARS": "1",  # per-epoch bars of a few ms each: noise
-}
-
-
 def init_ray(address: str | None = None, **init_kwargs: Any) -> None:
     """Join ``address`` (or RAY_ADDRESS, as under ``ray job submit``; ``"auto"``: the cluster
     started with ``ray start`` on this machine), else start a new local Ray; either way every
@@ -83,8 +74,7 @@ def init_ray(address: str | None = None, **init_kwargs: Any) -> None:
     port chosen here, so that its address is known before it starts. ``init_kwargs`` go to
     ``ray.init`` (e.g. ``num_cpus``).
     """
-    for key, value in RAY_ENV_DEFAULTS.items():
-        os.environ.setdefault(key, value)
+    set_env_defaults()
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or "local"
