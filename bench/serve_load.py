@@ -576,7 +576,7 @@ def main(argv: list[str] | None = None) -> int:
           "load-generator process")  # fmt: skip
 
     base1 = results["in-process, 1 query/call"]
-    floor = {name: results[f"floor/{name}"]["p50_ms"] for name in floor_apps()}
+    floor = {k.removeprefix("floor/"): r["p50_ms"] for k, r in results.items() if "floor/" in k}
     print(f"Serve's floor at concurrency 1 on this machine (echo apps, no model, p50): "
           f"{floor['ingress alone']:.1f} ms for an ingress alone, "
           f"{floor['ingress + 1 deployment']:.1f} ms for an ingress calling one deployment "

@@ -1,6 +1,9 @@
-"""Shared fixtures: a tiny random BERT, a small model config, the Ray environment."""
+"""Shared fixtures and helpers: the environment, a tiny random BERT and the tiny world built
+from it, a small model config, CLI and process checks."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from hrem_ray.env import set_env_defaults
 
@@ -15,6 +18,24 @@ from hrem_ray.cli import main  # noqa: E402
 from hrem_ray.config import ModelConfig  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+# The tiny world of the CLI, gallery and serving tests: f30k-format data of 20/5/10 images of
+# 6 regions x 24 dims, and a model at toy width.
+TINY_MODEL = [
+    f"--set=model.{k}={v}"
+    for k, v in dict(img_dim=24, embed_size=32, num_heads=4, ff_dim=32, mlp_hidden=16).items()
+]
+SYNTH = ["--train-images", "20", "--dev-images", "5", "--test-images", "10"]
+SYNTH += ["--regions", "6", "--dim", "24"]
+
+
+def tiny_data_and_checkpoint(root: Path, tiny_bert: str) -> tuple[Path, Path]:
+    """Synthetic data and a fresh tiny checkpoint under ``root``, made with the CLI."""
+    data, ckpt = root / "data", root / "ckpt"
+    main(["synth", "--out", str(data), *SYNTH])
+    main(["init-checkpoint", "--out", str(ckpt), "--bert-path", tiny_bert, *TINY_MODEL])
+    return data, ckpt
 
 
 @pytest.fixture(scope="session")

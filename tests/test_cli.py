@@ -14,19 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_err
+from conftest import SYNTH, TINY_MODEL, run_err
 
 from hrem_ray.checkpoint import load_checkpoint
 from hrem_ray.cli import main
 from hrem_ray.data.tokenize import CaptionTokenizer
 from hrem_ray.embed import embed_captions, embed_features
 
-TINY_MODEL = [
-    f"--set=model.{k}={v}"
-    for k, v in dict(img_dim=24, embed_size=32, num_heads=4, ff_dim=32, mlp_hidden=16).items()
-]
-SYNTH = ["--train-images", "20", "--dev-images", "5", "--test-images", "10"]
-SYNTH += ["--regions", "6", "--dim", "24"]
 METRIC_KEYS = {"r1", "r5", "r10", "medr", "meanr"}
 RESULT_KEYS = {"i2t", "t2i", "rsum", "n_images", "n_captions"}
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import run_err
+from conftest import run_err, tiny_data_and_checkpoint
 
 from hrem_ray.checkpoint import load_checkpoint
 from hrem_ray.cli import main
@@ -33,12 +33,6 @@ from hrem_ray.index.gallery import (
     top_k,
 )
 
-TINY_MODEL = [
-    f"--set=model.{k}={v}"
-    for k, v in dict(img_dim=24, embed_size=32, num_heads=4, ff_dim=32, mlp_hidden=16).items()
-]
-SYNTH = ["--train-images", "20", "--dev-images", "5", "--test-images", "10"]
-SYNTH += ["--regions", "6", "--dim", "24"]
 N_IMAGES, N_CAPTIONS, DIM = 10, 50, 32
 
 
@@ -46,9 +40,7 @@ N_IMAGES, N_CAPTIONS, DIM = 10, 50, 32
 def world(tmp_path_factory, tiny_bert) -> dict[str, Path]:
     """Tiny f30k data, a fresh tiny checkpoint and its float32 + float16 test galleries."""
     root = tmp_path_factory.mktemp("gallery")
-    data, ckpt = root / "data", root / "ckpt"
-    main(["synth", "--out", str(data), *SYNTH])
-    main(["init-checkpoint", "--out", str(ckpt), "--bert-path", tiny_bert, *TINY_MODEL])
+    data, ckpt = tiny_data_and_checkpoint(root, tiny_bert)
     common = ["--checkpoint", str(ckpt), "--data-path", str(data), "--dataset", "f30k"]
     main(["index", *common, "--split", "test", "--out", str(root / "g32")])
     main(["index", *common, "--split", "test", "--out", str(root / "g16"), "--dtype", "float16"])

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import run_err
+from conftest import run_err, tiny_data_and_checkpoint
 
 from hrem_ray.cli import main
 from hrem_ray.index.gallery import (
@@ -34,12 +34,6 @@ needs_faiss = pytest.mark.skipif(
     importlib.util.find_spec("faiss") is None, reason="faiss-cpu not installed"
 )
 N_IMAGES, DIM, NLIST = 200, 32, 8  # 1,000 captions: every caption is a recall query
-TINY_MODEL = [
-    f"--set=model.{k}={v}"
-    for k, v in dict(img_dim=24, embed_size=32, num_heads=4, ff_dim=32, mlp_hidden=16).items()
-]
-SYNTH = ["--train-images", "20", "--dev-images", "5", "--test-images", "10"]
-SYNTH += ["--regions", "6", "--dim", "24"]
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -275,9 +269,7 @@ def test_broken_ivf_is_a_gallery_error(galleries, tmp_path, case):
 def world(tmp_path_factory, tiny_bert) -> dict[str, Any]:
     """Tiny f30k data (10 test images), a fresh tiny checkpoint, an exact gallery."""
     root = tmp_path_factory.mktemp("ivf_world")
-    data, ckpt = root / "data", root / "ckpt"
-    main(["synth", "--out", str(data), *SYNTH])
-    main(["init-checkpoint", "--out", str(ckpt), "--bert-path", tiny_bert, *TINY_MODEL])
+    data, ckpt = tiny_data_and_checkpoint(root, tiny_bert)
     common = ["--checkpoint", str(ckpt), "--data-path", str(data), "--dataset", "f30k"]
     main(["index", *common, "--out", str(root / "exact")])
     return {"ckpt": ckpt, "common": common, "exact": root / "exact", "root": root}

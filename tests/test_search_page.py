@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import tiny_data_and_checkpoint
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -41,12 +42,6 @@ pytestmark = [
 QUERY = "a dog runs on the grass"
 K = 5
 SHED_MESSAGE = "Request dropped due to backpressure (test)."
-TINY_MODEL = [
-    f"--set=model.{k}={v}"
-    for k, v in dict(img_dim=24, embed_size=32, num_heads=4, ff_dim=32, mlp_hidden=16).items()
-]
-SYNTH = ["--train-images", "20", "--dev-images", "5", "--test-images", "10"]
-SYNTH += ["--regions", "6", "--dim", "24"]
 
 
 class SheddingProxy:
@@ -82,8 +77,7 @@ def server(tmp_path_factory, tiny_bert) -> Iterator[tuple[str, SheddingProxy]]:
     from hrem_ray.serving.service import RetrievalService
 
     root = tmp_path_factory.mktemp("page")
-    main(["synth", "--out", str(root / "data"), *SYNTH])
-    main(["init-checkpoint", "--out", str(root / "ckpt"), "--bert-path", tiny_bert, *TINY_MODEL])
+    tiny_data_and_checkpoint(root, tiny_bert)
     main(["index", "--checkpoint", str(root / "ckpt"), "--data-path", str(root / "data"),
           "--dataset", "f30k", "--split", "test", "--out", str(root / "gallery")])  # fmt: skip
     backend = LocalBackend(RetrievalService(root / "ckpt", root / "gallery"))

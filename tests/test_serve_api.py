@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import tiny_data_and_checkpoint
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
@@ -26,12 +27,6 @@ from hrem_ray.embed import embed_captions, embed_features
 from hrem_ray.serving.api import MAX_BODY_BYTES, PAGE, LocalBackend, build_app
 from hrem_ray.serving.service import MAX_K, MAX_QUERY_CHARS, MAX_REGIONS, RetrievalService
 
-TINY_MODEL = [
-    f"--set=model.{k}={v}"
-    for k, v in dict(img_dim=24, embed_size=32, num_heads=4, ff_dim=32, mlp_hidden=16).items()
-]
-SYNTH = ["--train-images", "20", "--dev-images", "5", "--test-images", "10"]
-SYNTH += ["--regions", "6", "--dim", "24"]
 N_IMAGES, N_CAPTIONS, IMG_DIM, DIM = 10, 50, 24, 32
 API_KEY = "s3cret-key"
 POSTS = ["/search/text", "/search/image", "/embed/text", "/embed/image"]
@@ -42,9 +37,8 @@ JSON = {"content-type": "application/json"}
 def world(tmp_path_factory, tiny_bert) -> dict[str, Any]:
     """Tiny f30k data, a fresh tiny checkpoint, its test gallery and the offline embeddings."""
     root = tmp_path_factory.mktemp("serve_api")
-    data, ckpt, gallery = root / "data", root / "ckpt", root / "gallery"
-    main(["synth", "--out", str(data), *SYNTH])
-    main(["init-checkpoint", "--out", str(ckpt), "--bert-path", tiny_bert, *TINY_MODEL])
+    data, ckpt = tiny_data_and_checkpoint(root, tiny_bert)
+    gallery = root / "gallery"
     main(["index", "--checkpoint", str(ckpt), "--data-path", str(data), "--dataset", "f30k",
           "--split", "test", "--out", str(gallery)])  # fmt: skip
     ck = load_checkpoint(ckpt)

@@ -30,6 +30,7 @@ import numpy as np
 import pytest
 import ray
 import requests
+from conftest import SYNTH, TINY_MODEL
 from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 from starlette.testclient import TestClient
@@ -41,12 +42,6 @@ from hrem_ray.serving.service import RetrievalService
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(240)]
 
-TINY_MODEL = [
-    f"--set=model.{k}={v}"
-    for k, v in dict(img_dim=24, embed_size=32, num_heads=4, ff_dim=32, mlp_hidden=16).items()
-]
-SYNTH = ["--train-images", "20", "--dev-images", "5", "--test-images", "10"]
-SYNTH += ["--regions", "6", "--dim", "24"]
 IMG_DIM = 24
 APP = "hrem"
 RETRIEVER_CLASS = f"ServeReplica:{APP}:Retriever"
