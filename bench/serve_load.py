@@ -41,7 +41,6 @@ import multiprocessing as mp
 import os
 import re
 import resource
-import socket
 import sys
 import tempfile
 import threading
@@ -49,7 +48,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hrem_ray.env import set_env_defaults
+from hrem_ray.ray_runtime import free_port, set_env_defaults
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the test world: tests/helpers.py
+from tests.helpers import TINY_MODEL  # noqa: E402
 
 MODELS = {
     "tiny": "tiny random BERT, 6x24 features",
@@ -57,10 +59,6 @@ MODELS = {
     "bert-base": "bert-base shape (random weights), the paper's model config, 36x2048",
 }
 BERT_BASE = ["--hidden", "768", "--layers", "12", "--heads", "12", "--intermediate", "3072"]
-TINY_MODEL = [
-    f"--set=model.{k}={v}"
-    for k, v in dict(img_dim=24, embed_size=32, num_heads=4, ff_dim=32, mlp_hidden=16).items()
-]
 K = 10
 WARMUP_S = 1.5
 
@@ -183,12 +181,6 @@ def loadgen_main(conn: Any, stop: Any) -> None:
 
 
 # -- server side ------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def build_world(work: Path, model: str, test_images: int) -> tuple[Path, Path]:
     """A fresh checkpoint and a gallery over synthetic features (CLI commands, in-process)."""
     from hrem_ray.cli import main

@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from hrem_ray.env import set_env_defaults
+from hrem_ray.ray_runtime import set_env_defaults
 
 set_env_defaults()  # before Ray or transformers start
 

@@ -10,12 +10,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from hrem_ray.env import OFFLINE_ENV, set_env_defaults
-
-set_env_defaults(OFFLINE_ENV)  # before transformers is imported
-
-from transformers import BertConfig, BertModel  # noqa: E402
-from transformers.utils import logging as hf_logging  # noqa: E402
+from transformers import BertConfig, BertModel
+from transformers.utils import logging as hf_logging
 
 # The load report (e.g. "pooler UNEXPECTED": HREM drops the pooler on purpose) and
 # weight-loading bars are noise in job logs.

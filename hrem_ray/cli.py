@@ -183,8 +183,8 @@ def cmd_index(a: argparse.Namespace) -> None:
 
 
 def cmd_serve(a: argparse.Namespace) -> None:
+    from hrem_ray.ray_runtime import init_ray
     from hrem_ray.serving.app import run_service, wait_until_interrupted
-    from hrem_ray.train.ray_train import init_ray
 
     init_ray(a.address)
     url = run_service(
@@ -207,7 +207,8 @@ def cmd_train(a: argparse.Namespace) -> None:
 
         best = train_local(cfg, Path(a.storage_path) / a.name, resume=a.resume, device=a.device)
     else:
-        from hrem_ray.train.ray_train import RayRunOptions, init_ray, train_ray
+        from hrem_ray.ray_runtime import init_ray
+        from hrem_ray.train.ray_train import RayRunOptions, train_ray
 
         options = RayRunOptions(
             storage_path=a.storage_path, name=a.name, num_workers=a.num_workers,
@@ -220,7 +221,7 @@ def cmd_train(a: argparse.Namespace) -> None:
 
 
 def cmd_tune(a: argparse.Namespace) -> None:
-    from hrem_ray.train.ray_train import init_ray
+    from hrem_ray.ray_runtime import init_ray
     from hrem_ray.tune.space import load_space
     from hrem_ray.tune.sweep import SweepOptions, run_sweep
 

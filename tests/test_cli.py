@@ -14,12 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SYNTH, TINY_MODEL, run_err
 
 from hrem_ray.checkpoint import load_checkpoint
 from hrem_ray.cli import main
 from hrem_ray.data.tokenize import CaptionTokenizer
 from hrem_ray.embed import embed_captions, embed_features
+from tests.helpers import SYNTH, TINY_MODEL, run_err
 
 METRIC_KEYS = {"r1", "r5", "r10", "medr", "meanr"}
 RESULT_KEYS = {"i2t", "t2i", "rsum", "n_images", "n_captions"}

@@ -17,15 +17,10 @@ import pytest
 from hrem_ray.cli import main
 from hrem_ray.demo.pipeline import STATE_FILE, DemoOptions, run_demo
 from hrem_ray.demo.report import write_report
+from tests.helpers import free_port
 
 BIN = Path(sys.executable).parent
 STAGES = ["data", "fresh", "train", "frozen", "sweep", "eval", "index", "serve"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _demo(out: Path, *flags: str, timeout: float) -> subprocess.CompletedProcess:
@@ -33,7 +28,7 @@ def _demo(out: Path, *flags: str, timeout: float) -> subprocess.CompletedProcess
     env.pop("RAY_ADDRESS", None)
     return subprocess.run(
         [str(BIN / "hrem-ray"), "demo", "--tiny", "--no-serve", "--out", str(out),
-         "--port", str(_free_port()), *flags],
+         "--port", str(free_port()), *flags],
         capture_output=True, text=True, env=env, timeout=timeout, cwd=out.parent,
     )  # fmt: skip
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 import sys
 import traceback
 from pathlib import Path
@@ -32,6 +31,7 @@ from hrem_ray.train.distributed import (
     wrap_ddp,
 )
 from hrem_ray.train.loop import train_step
+from tests.helpers import free_port
 
 WORLD = 2
 # (base loss, warmup): iteration is always 0, so warmup 1 leaves the relation module out.
@@ -205,12 +205,6 @@ def worker(rank: int, port: int, tmp: Path, cfg: ModelConfig) -> None:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def assert_matches(got: dict, ref: dict, rank: int, dtype: torch.dtype) -> float:

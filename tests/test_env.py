@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from hrem_ray.env import ENV_DEFAULTS, OFFLINE_ENV, RAY_ENV_DEFAULTS, set_env_defaults
+from hrem_ray.ray_runtime import ENV_DEFAULTS, OFFLINE_ENV, RAY_ENV_DEFAULTS, set_env_defaults
 
 
 def test_user_values_win_and_missing_ones_are_set(monkeypatch):

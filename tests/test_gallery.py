@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import run_err, tiny_data_and_checkpoint
 
 from hrem_ray.checkpoint import load_checkpoint
 from hrem_ray.cli import main
@@ -32,6 +31,7 @@ from hrem_ray.index.gallery import (
     build_gallery,
     top_k,
 )
+from tests.helpers import run_err, tiny_data_and_checkpoint
 
 N_IMAGES, N_CAPTIONS, DIM = 10, 50, 32
 

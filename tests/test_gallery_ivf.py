@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import run_err, tiny_data_and_checkpoint
 
 from hrem_ray.cli import main
 from hrem_ray.index.gallery import (
@@ -29,6 +28,7 @@ from hrem_ray.index.gallery import (
 )
 from hrem_ray.index.ivf import RECALL_QUERIES
 from hrem_ray.serving.service import RetrievalService
+from tests.helpers import run_err, tiny_data_and_checkpoint
 
 needs_faiss = pytest.mark.skipif(
     importlib.util.find_spec("faiss") is None, reason="faiss-cpu not installed"

@@ -32,15 +32,15 @@ from pathlib import Path
 import psutil
 import pytest
 import ray
-from conftest import alive
 
 from hrem_ray.checkpoint import load_checkpoint, load_train_state, read_record
 from hrem_ray.cli import main
 from hrem_ray.config import load_config
 from hrem_ray.data.precomp import open_split
 from hrem_ray.data.synth import write_synthetic
-from hrem_ray.env import ENV_DEFAULTS
+from hrem_ray.ray_runtime import ENV_DEFAULTS
 from hrem_ray.train.ray_train import RayRunOptions, train_ray
+from tests.helpers import alive
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's ray / hrem-ray

@@ -13,10 +13,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import tiny_data_and_checkpoint
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
 from hrem_ray.checkpoint import load_checkpoint
@@ -26,6 +24,7 @@ from hrem_ray.data.tokenize import CaptionTokenizer
 from hrem_ray.embed import embed_captions, embed_features
 from hrem_ray.serving.api import MAX_BODY_BYTES, PAGE, LocalBackend, build_app
 from hrem_ray.serving.service import MAX_K, MAX_QUERY_CHARS, MAX_REGIONS, RetrievalService
+from tests.helpers import metric_samples, tiny_data_and_checkpoint
 
 N_IMAGES, N_CAPTIONS, IMG_DIM, DIM = 10, 50, 24, 32
 API_KEY = "s3cret-key"
@@ -429,14 +428,6 @@ def test_api_key(service):
         # the key is checked before the body is even looked at
         r = c.post("/embed/text", content=b"{bad", headers={**JSON, "content-length": "9" * 9})
         assert_error(r, 401)
-
-
-def metric_samples(text: str) -> dict[tuple[str, tuple], float]:
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
 
 
 def test_metrics_count_requests_by_path_and_status(service):

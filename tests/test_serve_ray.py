@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -30,8 +29,6 @@ import numpy as np
 import pytest
 import ray
 import requests
-from conftest import SYNTH, TINY_MODEL
-from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 from starlette.testclient import TestClient
 
@@ -39,6 +36,7 @@ from hrem_ray.cli import main
 from hrem_ray.serving.api import LocalBackend, build_app
 from hrem_ray.serving.app import AUTOSCALING, Ingress, Retriever, run_service
 from hrem_ray.serving.service import RetrievalService
+from tests.helpers import SYNTH, TINY_MODEL, free_port, metric_samples
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -52,12 +50,6 @@ REQUEST_TIMEOUT_S = 10  # every HTTP request of these tests gives up after this
 RECOVERY_S = 90
 SCORE_TOL = 1e-4  # batched vs single forward passes differ in the last float32 bits
 JSON = {"content-type": "application/json"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -189,14 +181,6 @@ def assert_same_answer(got: requests.Response, want, path: str) -> None:
 
 def current_checkpoint(cluster) -> str:
     return get(cluster, "/readyz").json()["checkpoint"]
-
-
-def metric_samples(text: str) -> dict[tuple[str, tuple], float]:
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
 
 
 def retriever_pids(cluster) -> list[int]:

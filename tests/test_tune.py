@@ -43,17 +43,16 @@ import psutil
 import pytest
 import ray
 import yaml
-from conftest import alive
 from ray.tune.search.sample import Categorical, Float, Integer, LogUniform, Quantized
 
 from hrem_ray.checkpoint import load_checkpoint, read_record
 from hrem_ray.cli import main
 from hrem_ray.config import HREMConfig, load_config
 from hrem_ray.data.synth import write_synthetic
-from hrem_ray.env import ENV_DEFAULTS
-from hrem_ray.train.ray_train import init_ray
+from hrem_ray.ray_runtime import ENV_DEFAULTS, init_ray
 from hrem_ray.tune.space import SearchSpace, SpaceError, load_space, parse_space
 from hrem_ray.tune.sweep import SweepOptions, run_sweep, trial_config
+from tests.helpers import alive
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 2

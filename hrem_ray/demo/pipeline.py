@@ -348,7 +348,7 @@ class Demo:
     def _start_ray(self) -> None:
         import ray
 
-        from hrem_ray.train.ray_train import init_ray
+        from hrem_ray.ray_runtime import init_ray
 
         if not ray.is_initialized():
             self.log("starting a local Ray instance")

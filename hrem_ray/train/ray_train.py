@@ -10,7 +10,6 @@ iteration).
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,7 +28,6 @@ from hrem_ray.config import HREMConfig
 from hrem_ray.data.precomp import PrecompSplit, open_split
 from hrem_ray.data.ray_data import pairs_dataset, shard_batches
 from hrem_ray.data.tokenize import CaptionTokenizer
-from hrem_ray.env import set_env_defaults
 from hrem_ray.eval.evaluate import evaluate_split, flat_metrics
 from hrem_ray.model import build_model
 from hrem_ray.train.distributed import gather_encoded, world_size, wrap_ddp
@@ -58,59 +56,6 @@ class RayRunOptions:
     max_failures: int = 2
     keep_checkpoints: int = 2
     resume: bool = False
-
-
-def init_ray(address: str | None = None, **init_kwargs: Any) -> None:
-    """Join ``address`` (or RAY_ADDRESS, as under ``ray job submit``; ``"auto"``: the cluster
-    started with ``ray start`` on this machine), else start a new local Ray; either way every
-    Ray process of the job gets RAY_ADDRESS naming this cluster. A no-op if Ray is running.
-
-    Each Ray Train run (a training, every trial of a sweep) starts a PlacementGroupCleaner that
-    watches the run's controller through the state API, and the state API finds its cluster from
-    RAY_ADDRESS or, failing that, by looking for Ray instances on the machine. With a second
-    instance on the machine (another user's, a test's) it finds two and its thread dies; the
-    placement group of every run that ends (finished, or a trial stopped by ASHA) then leaks,
-    and after a trial or two a sweep waits forever for CPUs. A new local instance gets a GCS
-    port chosen here, so that its address is known before it starts. ``init_kwargs`` go to
-    ``ray.init`` (e.g. ``num_cpus``).
-    """
-    set_env_defaults()
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS") or "local"
-    runtime_env = dict(init_kwargs.pop("runtime_env", None) or {})
-    env_vars = dict(runtime_env.get("env_vars") or {})
-    if address == "local":
-        port = _free_port()
-        env_vars.setdefault("RAY_ADDRESS", f"{_node_ip()}:{port}")
-        previous = os.environ.get("RAY_GCS_SERVER_PORT")
-        os.environ["RAY_GCS_SERVER_PORT"] = str(port)
-        try:
-            ray.init(address="local", runtime_env={**runtime_env, "env_vars": env_vars},
-                     **init_kwargs)  # fmt: skip
-        finally:
-            if previous is None:
-                os.environ.pop("RAY_GCS_SERVER_PORT", None)
-            else:
-                os.environ["RAY_GCS_SERVER_PORT"] = previous
-        return
-    if "://" not in address and address != "auto":  # host:port of the GCS
-        env_vars.setdefault("RAY_ADDRESS", address)
-    if env_vars:
-        runtime_env["env_vars"] = env_vars
-    ray.init(address=address, runtime_env=runtime_env or None, **init_kwargs)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _node_ip() -> str:
-    """The address a new local Ray binds (loopback under RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0),
-    as Ray itself decides it."""
-    return ray.util.get_node_ip_address()
 
 
 def _broadcast(obj: Any) -> Any:

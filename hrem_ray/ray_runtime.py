@@ -1,0 +1,86 @@
+"""The Ray runtime: the environment every hrem-ray process sets before Ray or transformers
+start, and ``init_ray``, the one way the CLI, sweeps, Serve and the demo join or start Ray.
+
+Every Ray process inherits the environment of the process that starts Ray (docs/ray.md);
+transformers reads its offline switches when first imported, so ``hrem_ray/__init__.py``
+sets those on import. Ray itself is imported only inside ``init_ray``, so scripts and test
+configs can use this module before anything starts.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+# For a shared cluster use RAY_AUTH_MODE=token instead (docs/cluster.md).
+RAY_ENV_DEFAULTS = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # else Ray binds the external interface too
+    "RAY_DATA_DISABLE_PROGRESS_BARS": "1",  # per-epoch bars of a few ms each: noise
+}
+# Backbones are local folders: never reach for a hub. One tokenizer thread per process.
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+ENV_DEFAULTS = {**RAY_ENV_DEFAULTS, **OFFLINE_ENV}
+
+
+def set_env_defaults(env: dict[str, str] = ENV_DEFAULTS) -> None:
+    """Set each variable of ``env`` that is not set already (the user's value wins)."""
+    for key, value in env.items():
+        os.environ.setdefault(key, value)
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_ray(address: str | None = None, **init_kwargs: Any) -> None:
+    """Join ``address`` (or RAY_ADDRESS, as under ``ray job submit``; ``"auto"``: the cluster
+    started with ``ray start`` on this machine), else start a new local Ray; either way every
+    Ray process of the job gets RAY_ADDRESS naming this cluster. A no-op if Ray is running.
+
+    Each Ray Train run (a training, every trial of a sweep) starts a PlacementGroupCleaner that
+    watches the run's controller through the state API, and the state API finds its cluster from
+    RAY_ADDRESS or, failing that, by looking for Ray instances on the machine. With a second
+    instance on the machine (another user's, a test's) it finds two and its thread dies; the
+    placement group of every run that ends (finished, or a trial stopped by ASHA) then leaks,
+    and after a trial or two a sweep waits forever for CPUs. A new local instance gets a GCS
+    port chosen here, so that its address is known before it starts. ``init_kwargs`` go to
+    ``ray.init`` (e.g. ``num_cpus``).
+    """
+    set_env_defaults()
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
+    runtime_env = dict(init_kwargs.pop("runtime_env", None) or {})
+    env_vars = dict(runtime_env.get("env_vars") or {})
+    if address == "local":
+        port = free_port()
+        # the address a new local Ray binds (loopback under RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0)
+        env_vars.setdefault("RAY_ADDRESS", f"{ray.util.get_node_ip_address()}:{port}")
+        previous = os.environ.get("RAY_GCS_SERVER_PORT")
+        os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+        try:
+            ray.init(address="local", runtime_env={**runtime_env, "env_vars": env_vars},
+                     **init_kwargs)  # fmt: skip
+        finally:
+            if previous is None:
+                os.environ.pop("RAY_GCS_SERVER_PORT", None)
+            else:
+                os.environ["RAY_GCS_SERVER_PORT"] = previous
+        return
+    if "://" not in address and address != "auto":  # host:port of the GCS
+        env_vars.setdefault("RAY_ADDRESS", address)
+    if env_vars:
+        runtime_env["env_vars"] = env_vars
+    ray.init(address=address, runtime_env=runtime_env or None, **init_kwargs)

@@ -1,0 +1,79 @@
+"""Helpers shared by the tests and the benchmarks: the tiny world (a tiny model config and
+synthetic data sizes), CLI and process checks, ports and metrics.
+
+Import them as ``from tests.helpers import ...``; fixtures live in ``tests/conftest.py``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import psutil
+import pytest
+
+from hrem_ray.cli import main
+from hrem_ray.ray_runtime import free_port
+
+__all__ = [
+    "SYNTH",
+    "TINY_MODEL",
+    "alive",
+    "free_port",
+    "metric_samples",
+    "run_err",
+    "tiny_data_and_checkpoint",
+]
+
+# The tiny world of the CLI, gallery and serving tests: f30k-format data of 20/5/10 images of
+# 6 regions x 24 dims, and a model at toy width.
+TINY_MODEL = [
+    f"--set=model.{k}={v}"
+    for k, v in dict(img_dim=24, embed_size=32, num_heads=4, ff_dim=32, mlp_hidden=16).items()
+]
+SYNTH = ["--train-images", "20", "--dev-images", "5", "--test-images", "10"]
+SYNTH += ["--regions", "6", "--dim", "24"]
+
+
+def tiny_data_and_checkpoint(root: Path, tiny_bert: str) -> tuple[Path, Path]:
+    """Synthetic data and a fresh tiny checkpoint under ``root``, made with the CLI."""
+    data, ckpt = root / "data", root / "ckpt"
+    main(["synth", "--out", str(data), *SYNTH])
+    main(["init-checkpoint", "--out", str(ckpt), "--bert-path", tiny_bert, *TINY_MODEL])
+    return data, ckpt
+
+
+def alive(procs: list[psutil.Process]) -> list[psutil.Process]:
+    """The processes of ``procs`` still running (zombies count as gone)."""
+    running = []
+    for p in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                running.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return running
+
+
+def run_err(capsys, *argv: str) -> str:
+    """Run an ``hrem-ray`` command that must fail as a user error (exit 2, no traceback);
+    returns its one error line."""
+    with pytest.raises(SystemExit) as exc:
+        main(list(argv))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"hrem-ray {argv[0]}: error: "), lines[0]
+    return lines[0]
+
+
+def metric_samples(text: str) -> dict[tuple[str, tuple], float]:
+    """Prometheus text exposition as {(sample name, sorted labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
