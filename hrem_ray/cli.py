@@ -55,38 +55,21 @@ def cmd_tiny_bert(a: argparse.Namespace) -> None:
 
 
 def _config(a: argparse.Namespace):
-    from hrem_ray.backbone import default_bert_path
-    from hrem_ray.config import load_config
+    """``--config``, then the dedicated flags (``CLI_FLAGS``), then ``--set`` overrides."""
+    from hrem_ray.config import CLI_FLAGS, load_config
 
-    sets = list(getattr(a, "set", None) or [])
-    for flag, key in (
-        ("data_path", "data.data_path"),
-        ("dataset", "data.dataset"),
-        ("bert_path", "model.bert_path"),
-        ("epochs", "train.epochs"),
-        ("batch_size", "train.batch_size"),
-        ("seed", "train.seed"),
-    ):
-        value = getattr(a, flag, None)
+    sets = []
+    for key, flag in CLI_FLAGS.items():
+        value = getattr(a, flag.removeprefix("--").replace("-", "_"), None)
         if value is not None:
             sets.append(f"{key}={value}")
-    cfg = load_config(getattr(a, "config", None), sets)
-    if not cfg.model.bert_path:
-        cfg.model.bert_path = default_bert_path()
-    return cfg
+    return load_config(getattr(a, "config", None), sets + list(getattr(a, "set", None) or []))
 
 
 def cmd_init_checkpoint(a: argparse.Namespace) -> None:
-    import torch
+    from hrem_ray.train.setup import init_checkpoint
 
-    from hrem_ray.checkpoint import save_checkpoint
-    from hrem_ray.model import build_model
-
-    cfg = _config(a)
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model, pretrained=not a.random_bert)
-    meta = {"initialised": True, "bert_pretrained": not a.random_bert}
-    _log(f"wrote {save_checkpoint(a.out, model, cfg, meta=meta)}")
+    _log(f"wrote {init_checkpoint(_config(a), a.out, pretrained=not a.random_bert)}")
 
 
 def cmd_import_checkpoint(a: argparse.Namespace) -> None:
@@ -104,44 +87,26 @@ def _load(checkpoint: str, device: str):
     return ck, tokenizer
 
 
-def _read_features(path: Path) -> np.ndarray:
-    """Memory-map a .npy; anything else (.npz, pickles, garbage) is a one-line error."""
-    try:
-        feats = np.load(path, mmap_mode="r", allow_pickle=False)
-    except FileNotFoundError:
-        raise
-    except (ValueError, OSError) as e:
-        raise ValueError(f"{path}: not a readable .npy array ({e})") from None
-    if not isinstance(feats, np.ndarray):
-        feats.close()
-        raise ValueError(f"{path}: expected a single .npy array, got {type(feats).__name__}")
-    return feats
+def cmd_check_data(a: argparse.Namespace) -> None:
+    from hrem_ray.data.precomp import open_split, scan_finite
 
-
-def _read_lines(path: Path) -> list[str]:
-    """One caption per line, split on newlines only (as the precomp reader does), so that
-    row i of the output is line i + 1 of the file whatever characters a caption holds."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not valid UTF-8 ({e})") from None
-    lines = text.split("\n")
-    if lines[-1] == "":
-        lines.pop()
-    if not lines:
-        raise ValueError(f"{path}: no captions")
-    return [line.removesuffix("\r") for line in lines]
+    for split in a.split or ["train", "dev", "test"]:
+        data = open_split(a.data_path, a.dataset, split)
+        scan_finite(data.features, data.ims_path, progress=_log)
+        _log(f"{a.dataset} {split}: {data.n_images} images, {data.n_captions} captions, "
+             f"features {list(data.features.shape)} {data.features.dtype}: ok")  # fmt: skip
 
 
 def cmd_embed(a: argparse.Namespace) -> None:
+    from hrem_ray.data.precomp import open_features, read_captions
     from hrem_ray.embed import embed_captions, embed_features
 
     ck, tokenizer = _load(a.checkpoint, a.device)
     kw = dict(batch_size=a.batch_size, device=a.device, progress=_log)
     if a.images:
-        embs = embed_features(ck.model, _read_features(Path(a.images)), **kw)
+        embs = embed_features(ck.model, open_features(a.images), **kw)
     else:
-        embs = embed_captions(ck.model, tokenizer, _read_lines(Path(a.captions)), **kw)
+        embs = embed_captions(ck.model, tokenizer, read_captions(a.captions), **kw)
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
@@ -152,16 +117,13 @@ def cmd_embed(a: argparse.Namespace) -> None:
 
 
 def cmd_eval(a: argparse.Namespace) -> None:
-    from hrem_ray.data.precomp import open_split
-    from hrem_ray.eval.evaluate import evaluate_split
+    from hrem_ray.eval.evaluate import evaluate_checkpoint
     from hrem_ray.eval.metrics import format_table
 
-    split = open_split(a.data_path, a.dataset, a.split, progress=_log)
-    ck, tokenizer = _load(a.checkpoint, a.device)
     start = time.perf_counter()
-    result = evaluate_split(
-        ck.model, split, tokenizer, batch_size=a.batch_size, device=a.device,
-        fold5=a.fold5, progress=_log,
+    result = evaluate_checkpoint(
+        a.checkpoint, a.data_path, a.dataset, a.split, batch_size=a.batch_size,
+        device=a.device, fold5=a.fold5, progress=_log,
     )  # fmt: skip
     _log(f"{a.dataset} {a.split} ({time.perf_counter() - start:.1f}s)")
     _log(format_table(result))
@@ -295,6 +257,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bert-path", required=True, help="the backbone it was trained with")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_import_checkpoint)
+
+    p = sub.add_parser(
+        "check-data", help="read every feature of precomp splits and check it is finite"
+    )
+    p.add_argument("--data-path", required=True)
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--split", action="append", help="repeatable (default: train, dev, test)")
+    p.set_defaults(func=cmd_check_data)
 
     p = sub.add_parser("embed", help="embed region features or captions")
     p.add_argument("--checkpoint", required=True)

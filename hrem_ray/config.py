@@ -1,6 +1,6 @@
 """Every knob of a run, in one place.
 
-Defaults are the published HREM recipe (``../shared/docs/hrem-spec.md``); the
+Defaults are the published HREM recipe (docs/deviations.md lists where we differ); the
 small CPU configs under ``configs/`` override a few of them. A config is three
 plain dataclasses so it can travel as a dict (Ray, JSON, YAML, checkpoints) and
 be rebuilt with unknown keys rejected.
@@ -9,12 +9,23 @@ be rebuilt with unknown keys rejected.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+# Config keys with a flag of their own on the training commands (the rest go through --set).
+CLI_FLAGS = {
+    "data.data_path": "--data-path",
+    "data.dataset": "--dataset",
+    "model.bert_path": "--bert-path",
+    "train.epochs": "--epochs",
+    "train.batch_size": "--batch-size",
+    "train.seed": "--seed",
+}
 
 
 class ConfigError(ValueError):
@@ -166,6 +177,22 @@ class HREMConfig:
         if isinstance(value, str) and fields[key].type != "str":
             value = yaml.safe_load(value)
         setattr(section, key, _coerce(dotted, getattr(section, key), value))
+
+    def to_flags(self) -> list[str]:
+        """The ``hrem-ray`` flags that rebuild this config from the defaults: a dedicated
+        flag (``CLI_FLAGS``) where there is one, else ``--set section.key=value``. The demo
+        prints its commands with these, so the line shown is the config that ran."""
+        argv: list[str] = []
+        default = HREMConfig().to_dict()
+        for section, values in self.to_dict().items():
+            for key, value in values.items():
+                dotted = f"{section}.{key}"
+                if value == default[section][key]:
+                    continue
+                text = value if isinstance(value, str) else json.dumps(value)
+                flag = CLI_FLAGS.get(dotted)
+                argv += [flag, text] if flag else ["--set", f"{dotted}={text}"]
+        return argv
 
     def override(self, pairs: list[str]) -> HREMConfig:
         """Apply ``key=value`` strings (the CLI's ``--set``)."""

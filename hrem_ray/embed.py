@@ -1,27 +1,30 @@
-"""Embeddings of arbitrary inputs (feature arrays, caption lists) with a trained model.
+"""Embeddings with a trained model: the one place where inputs become vectors.
 
-Used by ``hrem-ray embed``, the gallery index and the Serve replicas, so that every
-consumer produces exactly the embeddings evaluation measured.
+Evaluation, the gallery index, ``hrem-ray embed`` and the Serve replicas all encode through
+these functions, so every consumer produces exactly the embeddings evaluation measured. The
+batches come from ``data/batches.py``; ``eval/encode.py`` places them by id.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 
-from hrem_ray.data.batches import pad_tokens
+from hrem_ray.data.batches import caption_batches, image_batches
+from hrem_ray.data.precomp import PrecompSplit
 from hrem_ray.data.tokenize import CaptionTokenizer
 from hrem_ray.eval.encode import check_batch_size, encode
 from hrem_ray.model import HREM
 
-# Rows per finiteness-check read, so a large memory-mapped file is never copied whole.
-CHECK_CHUNK_ROWS = 256
+ProgressFn = Callable[[str], None] | None
 
 
 def check_features(feats: np.ndarray, img_dim: int, name: str = "features") -> None:
-    """Region features must be a real [n >= 1, regions >= 1, img_dim] array and finite."""
+    """Region features must be a real ``[n >= 1, regions >= 1, img_dim]`` array (its values
+    are checked for NaN/inf as each batch is read)."""
     if not isinstance(feats, np.ndarray):
         raise ValueError(f"{name}: expected one array, got {type(feats).__name__}")
     if feats.dtype.kind not in "fiu":
@@ -30,21 +33,14 @@ def check_features(feats: np.ndarray, img_dim: int, name: str = "features") -> N
         raise ValueError(f"{name}: expected shape [n, regions, {img_dim}], got {list(feats.shape)}")
     if feats.shape[0] < 1:
         raise ValueError(f"{name}: no images to embed (shape {list(feats.shape)})")
-    for start in range(0, feats.shape[0], CHECK_CHUNK_ROWS):
-        chunk = np.asarray(feats[start : start + CHECK_CHUNK_ROWS])
-        bad = np.flatnonzero(~np.isfinite(chunk).all(axis=(1, 2)))
-        if bad.size:
-            raise ValueError(f"{name}: row {start + int(bad[0])} contains non-finite values")
 
 
-def _feature_batches(
-    feats: np.ndarray, batch_size: int
-) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
-    for start in range(0, len(feats), batch_size):
-        # a copy: rows of a read-only memmap must not back a tensor (torch warns, UB on write)
-        chunk = np.array(feats[start : start + batch_size], dtype=np.float32, order="C")
-        ids = np.arange(start, start + len(chunk))
-        yield ids, torch.from_numpy(chunk), torch.full((len(chunk),), chunk.shape[1])
+def check_captions(captions: Sequence[str]) -> None:
+    if len(captions) == 0:
+        raise ValueError("no captions to embed")
+    for i, caption in enumerate(captions):
+        if not caption.strip():
+            raise ValueError(f"caption {i + 1} is empty")
 
 
 def embed_features(
@@ -53,16 +49,12 @@ def embed_features(
     *,
     batch_size: int = 128,
     device: torch.device | str = "cpu",
-    progress: Callable[[str], None] | None = None,
+    progress: ProgressFn = None,
 ) -> np.ndarray:
     """[n, regions, img_dim] region features -> [n, D] float32 L2-normalised, input order."""
     check_batch_size(batch_size)
     check_features(feats, model.cfg.img_dim)
-    model.eval()
-    return encode(
-        model.embed_images, _feature_batches(feats, batch_size), len(feats),
-        device=device, progress=progress, desc="embed images",
-    )  # fmt: skip
+    return _encode_images(model, feats, len(feats), batch_size, device, progress, "embed images")
 
 
 def embed_captions(
@@ -72,24 +64,57 @@ def embed_captions(
     *,
     batch_size: int = 128,
     device: torch.device | str = "cpu",
-    progress: Callable[[str], None] | None = None,
+    progress: ProgressFn = None,
 ) -> np.ndarray:
     """Captions -> [n, D] float32 L2-normalised, input order (no augmentation)."""
     check_batch_size(batch_size)
-    if len(captions) == 0:
-        raise ValueError("no captions to embed")
-    for i, caption in enumerate(captions):
-        if not caption.strip():
-            raise ValueError(f"caption {i + 1} is empty")
+    check_captions(captions)
+    return _encode_captions(model, tokenizer, captions, batch_size, device, progress,
+                            "embed captions")  # fmt: skip
 
-    def batches() -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
-        for start in range(0, len(captions), batch_size):
-            chunk = captions[start : start + batch_size]
-            tokens, lengths = pad_tokens([tokenizer.encode(c) for c in chunk], tokenizer.pad_id)
-            yield np.arange(start, start + len(chunk)), tokens, lengths
 
+def embed_split(
+    model: HREM,
+    split: PrecompSplit,
+    tokenizer: CaptionTokenizer,
+    *,
+    batch_size: int = 128,
+    device: torch.device | str = "cpu",
+    progress: ProgressFn = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every unique image and every caption of a split, each encoded once, in id order."""
+    check_batch_size(batch_size)
+    dim = split.features.shape[-1]
+    if dim != model.cfg.img_dim:
+        raise ValueError(
+            f"{split.ims_path}: features have dimension {dim} but the model expects "
+            f"img_dim={model.cfg.img_dim}"
+        )
+    imgs = _encode_images(model, split, split.n_images, batch_size, device, progress,
+                          "encode images")  # fmt: skip
+    caps = _encode_captions(model, tokenizer, split.captions, batch_size, device, progress,
+                            "encode captions")  # fmt: skip
+    return imgs, caps
+
+
+def _encode_images(model, source, n, batch_size, device, progress, desc) -> np.ndarray:
+    with _eval_mode(model):
+        return encode(model.embed_images, image_batches(source, batch_size), n,
+                      device=device, progress=progress, desc=desc)  # fmt: skip
+
+
+def _encode_captions(model, tokenizer, captions, batch_size, device, progress, desc):
+    with _eval_mode(model):
+        return encode(model.embed_texts, caption_batches(captions, tokenizer, batch_size),
+                      len(captions), device=device, progress=progress, desc=desc)  # fmt: skip
+
+
+@contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode for the duration (no dropout, batch-independent embeddings), then back."""
+    was_training = model.training
     model.eval()
-    return encode(
-        model.embed_texts, batches(), len(captions),
-        device=device, progress=progress, desc="embed captions",
-    )  # fmt: skip
+    try:
+        yield
+    finally:
+        model.train(was_training)

@@ -162,8 +162,18 @@ def test_image_batches(tmp_path: Path, per_caption: bool) -> None:
     assert torch.cat([g[2] for g in got]).tolist() == [REGIONS] * N_IMAGES
 
 
+def test_image_batches_of_a_plain_array_check_each_batch() -> None:
+    feats = _features().copy()
+    got = list(image_batches(feats, 3))
+    assert np.concatenate([g[0] for g in got]).tolist() == list(range(N_IMAGES))
+    assert torch.equal(torch.cat([g[1] for g in got]), torch.from_numpy(feats))
+    feats[N_IMAGES - 1, 0, 0] = np.nan
+    with pytest.raises(ValueError, match=f"row {N_IMAGES - 1} has non-finite"):
+        list(image_batches(feats, 3))
+
+
 def test_caption_batches(split: PrecompSplit, tok: CaptionTokenizer) -> None:
-    got = list(caption_batches(split, tok, 8))
+    got = list(caption_batches(split.captions, tok, 8))
     assert np.concatenate([g[0] for g in got]).tolist() == list(range(5 * N_IMAGES))
     for ids, tokens, lengths in got:
         for i, c in enumerate(ids):

@@ -242,9 +242,9 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[str, Path, str]]:
     (tmp_path / "text.npy").write_text("not numpy")
     files["not_npy"] = ("--images", tmp_path / "text.npy", "text.npy")
     files["missing_npy"] = ("--images", tmp_path / "missing.npy", "missing.npy")
-    txt("empty_line", b"a dog runs\n\na cat sleeps\n", "caption 2")
-    txt("blank_line", b"a dog runs\n   \n", "caption 2")
-    txt("empty_file", b"", "no captions")
+    txt("empty_line", b"a dog runs\n\na cat sleeps\n", "line 2")
+    txt("blank_line", b"a dog runs\n   \n", "line 2")
+    txt("empty_file", b"", "empty")
     txt("bad_utf8", b"a dog \xff runs\n", "UTF-8")
     files["missing_txt"] = ("--captions", tmp_path / "missing.txt", "missing.txt")
     return files

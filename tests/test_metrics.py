@@ -226,7 +226,7 @@ def test_encode_orders_rows_by_id() -> None:
     )
     assert out.dtype == np.float32
     np.testing.assert_array_equal(out, np.stack([np.arange(10), 2 * np.arange(10)], axis=1))
-    assert messages and messages[-1].startswith("images: 10/10 rows (100%)")
+    assert messages and messages[-1].startswith("images [####################] 100% 10/10")
     assert all("rows/s" in m for m in messages)
 
 

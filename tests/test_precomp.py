@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hrem_ray.data.precomp import PrecompError, open_split, split_paths
+from hrem_ray.data.batches import gather_features
+from hrem_ray.data.precomp import PrecompError, open_split, scan_finite, split_paths
 
 N_IMAGES, REGIONS, DIM = 4, 3, 6
 
@@ -145,12 +146,34 @@ def test_empty_captions_file(tmp_path: Path) -> None:
     _expect_error(tmp_path, "test_caps.txt", "empty")
 
 
+def _expect_scan_error(tmp_path: Path, *fragments: str) -> None:
+    split = open_split(tmp_path, "toy", "test")  # opening reads no feature
+    with pytest.raises(PrecompError) as info:
+        scan_finite(split.features, split.ims_path)
+    message = str(info.value)
+    assert "test_ims.npy" in message
+    for fragment in fragments:
+        assert fragment in message, message
+
+
 def test_non_finite_row(tmp_path: Path) -> None:
     feats = _features()
     feats[2, 1, 4] = np.nan
     write_split(tmp_path, features=feats)
-    _expect_error(tmp_path, "test_ims.npy", "row 2")
-    assert open_split(tmp_path, "toy", "test", check_finite=False).n_images == N_IMAGES
+    _expect_scan_error(tmp_path, "row 2")
+
+
+@pytest.mark.parametrize("per_caption", [False, True])
+def test_non_finite_row_found_when_its_batch_is_read(tmp_path: Path, per_caption: bool) -> None:
+    """The driver never scans: a batch that gathers a bad row names the file and the row."""
+    feats = _features()
+    feats[2, 0, 0] = np.inf
+    write_split(tmp_path, features=feats, per_caption=per_caption)
+    split = open_split(tmp_path, "toy", "test")
+    bad_row = 2 * 5 + 3 if per_caption else 2
+    gather_features(split, np.array([0, 1]))  # rows without it read fine
+    with pytest.raises(PrecompError, match=rf"test_ims.npy: row {bad_row} has non-finite"):
+        gather_features(split, np.array([5 * 3, 5 * 2 + 3]) if per_caption else np.array([3, 2]))
 
 
 def test_non_finite_found_past_first_chunk(tmp_path: Path) -> None:
@@ -158,7 +181,7 @@ def test_non_finite_found_past_first_chunk(tmp_path: Path) -> None:
     feats = np.zeros((n, 1, 2), dtype=np.float32)
     feats[517, 0, 1] = np.inf
     write_split(tmp_path, features=feats, captions=[f"c {i}" for i in range(5 * n)])
-    _expect_error(tmp_path, "test_ims.npy", "row 517")
+    _expect_scan_error(tmp_path, "row 517")
 
 
 def test_progress_reported_for_large_files(tmp_path: Path) -> None:
@@ -169,6 +192,8 @@ def test_progress_reported_for_large_files(tmp_path: Path) -> None:
         captions=[f"c {i}" for i in range(5 * n)],
     )
     messages: list[str] = []
-    open_split(tmp_path, "toy", "test", progress=messages.append)
+    split = open_split(tmp_path, "toy", "test")
+    scan_finite(split.features, split.ims_path, progress=messages.append)
     assert 5 <= len(messages) <= 11
     assert "test_ims.npy" in messages[-1] and "100%" in messages[-1]
+    assert f"{n}/{n}" in messages[-1]

@@ -20,7 +20,8 @@ from hrem_ray.data.synth import write_synthetic
 from hrem_ray.data.tokenize import CaptionTokenizer
 from hrem_ray.model import build_model, hrem_loss
 from hrem_ray.model.hrem import LossOutput
-from hrem_ray.train.local import RunExistsError, train_local
+from hrem_ray.train.local import train_local
+from hrem_ray.train.setup import RunExistsError
 from hrem_ray.train.loop import TrainState, fit, train_epoch, train_step
 from hrem_ray.train.optim import build_optimizer, lr_factor, param_groups, set_epoch_lr
 

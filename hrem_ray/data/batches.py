@@ -14,7 +14,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
-from hrem_ray.data.precomp import CAPTIONS_PER_IMAGE, PrecompSplit
+from hrem_ray.data.precomp import CAPTIONS_PER_IMAGE, PrecompSplit, check_finite
 from hrem_ray.data.tokenize import CaptionTokenizer
 
 _AUGMENT_STREAM = 1  # extra seed word separating the augmentation rng from the order rng
@@ -82,8 +82,14 @@ def gather_features(split: PrecompSplit, rows: np.ndarray) -> np.ndarray:
     into its place in the batch; a run of consecutive rows is one call. Other arrays (in-memory
     test data, a slice of a memory map) use ``split.gather``.
     """
-    features = split.features
     rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+    out = _read_rows(split, rows)
+    check_finite(out, split.ims_path, rows)  # the driver never scans: each batch is checked
+    return out
+
+
+def _read_rows(split: PrecompSplit, rows: np.ndarray) -> np.ndarray:
+    features = split.features
     if not _preadable(features) or (
         rows.size and (rows.min() < 0 or rows.max() >= features.shape[0])
     ):
@@ -225,24 +231,38 @@ def train_batches(
 
 
 def image_batches(
-    split: PrecompSplit, batch_size: int
+    source: PrecompSplit | np.ndarray, batch_size: int
 ) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
-    """Every unique image once, in id order, with all regions: ``(image ids, images, lengths)``."""
-    rows = split.image_rows()
-    for start in range(0, split.n_images, batch_size):
-        ids = np.arange(start, min(start + batch_size, split.n_images), dtype=np.int64)
-        feats = gather_features(split, rows[ids])
+    """Every image once, in id order, with all regions: ``(image ids, images, lengths)``.
+
+    ``source`` is a split (its unique images, read with ``gather_features``) or an array of
+    ``[n, regions, dim]`` features (e.g. a memory-mapped ``.npy``), read a batch at a time.
+    Either way each batch is checked for non-finite values as it is read.
+    """
+    n = source.n_images if isinstance(source, PrecompSplit) else len(source)
+    for start in range(0, n, batch_size):
+        ids = np.arange(start, min(start + batch_size, n), dtype=np.int64)
+        feats = _image_features(source, ids)
         lengths = torch.full((len(ids),), feats.shape[1], dtype=torch.int64)
         yield ids, torch.from_numpy(feats), lengths
 
 
+def _image_features(source: PrecompSplit | np.ndarray, ids: np.ndarray) -> np.ndarray:
+    if isinstance(source, PrecompSplit):
+        return gather_features(source, source.image_rows()[ids])
+    # a copy: rows of a read-only memmap must not back a tensor (torch warns, UB on write)
+    block = np.array(source[ids[0] : ids[-1] + 1], dtype=np.float32, order="C")
+    check_finite(block, getattr(source, "filename", None) or "features", ids)
+    return block
+
+
 def caption_batches(
-    split: PrecompSplit, tokenizer: CaptionTokenizer, batch_size: int
+    captions: Sequence[str], tokenizer: CaptionTokenizer, batch_size: int
 ) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
     """Every caption once, in id order, unaugmented: ``(caption ids, tokens, lengths)``."""
-    for start in range(0, split.n_captions, batch_size):
-        ids = np.arange(start, min(start + batch_size, split.n_captions), dtype=np.int64)
+    for start in range(0, len(captions), batch_size):
+        ids = np.arange(start, min(start + batch_size, len(captions)), dtype=np.int64)
         tokens, lengths = pad_tokens(
-            [tokenizer.encode(split.captions[c]) for c in ids.tolist()], tokenizer.pad_id
+            [tokenizer.encode(captions[c]) for c in ids.tolist()], tokenizer.pad_id
         )
         yield ids, tokens, lengths

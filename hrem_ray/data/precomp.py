@@ -1,7 +1,11 @@
-"""Memory-mapped reader of the "precomp" region-feature format (spec section 1).
+"""Memory-mapped reader of the "precomp" region-feature format (docs/data.md).
 
 The reference loads the whole ``<split>_ims.npy`` into RAM (8.5 GB for f30k train, 33 GB for
 coco); here it stays memory-mapped and a batch is gathered with one fancy-index read.
+Opening a split reads only the ``.npy`` header and the captions, so a driver that opens a
+split never reads the features: non-finite values are found where rows are read
+(``check_finite`` on every gathered batch), and ``scan_finite`` (``hrem-ray check-data``)
+reads a whole file on purpose.
 """
 
 from __future__ import annotations
@@ -12,9 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
+from hrem_ray.progress import Progress
+
 CAPTIONS_PER_IMAGE = 5
 SCAN_CHUNK_ROWS = 256  # rows per finiteness-scan read: bounds memory to ~75 MB for 36x2048
-PROGRESS_MIN_ROWS = 10_000  # report scan progress only for files at least this large
 _FEATURE_DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
 
 
@@ -68,21 +73,15 @@ def split_paths(data_path: str | Path, dataset: str, split: str) -> tuple[Path, 
     return folder / f"{split}_ims.npy", folder / f"{split}_caps.txt"
 
 
-def open_split(
-    data_path: str | Path,
-    dataset: str,
-    split: str,
-    *,
-    check_finite: bool = True,
-    progress: Callable[[str], None] | None = None,
-) -> PrecompSplit:
-    """Validate and open one split; every problem is a ``PrecompError`` naming its file."""
+def open_split(data_path: str | Path, dataset: str, split: str) -> PrecompSplit:
+    """Validate and open one split from its header and captions; every problem is a
+    ``PrecompError`` naming its file. The features are not read (see ``scan_finite``)."""
     ims_path, caps_path = split_paths(data_path, dataset, split)
     for path, what in ((ims_path, "region features"), (caps_path, "captions")):
         if not path.is_file():
             raise PrecompError(f"{path}: {what} file not found")
-    features = _open_features(ims_path)
-    captions = _read_captions(caps_path)
+    features = open_features(ims_path)
+    captions = read_captions(caps_path)
     n_captions = len(captions)
     if n_captions % CAPTIONS_PER_IMAGE:
         raise PrecompError(
@@ -95,8 +94,6 @@ def open_split(
             f"{ims_path}: {rows} feature rows match neither the {n_images} images nor the "
             f"{n_captions} captions of {caps_path}"
         )
-    if check_finite:
-        _check_finite(ims_path, features, progress)
     return PrecompSplit(
         ims_path=ims_path,
         caps_path=caps_path,
@@ -108,7 +105,7 @@ def open_split(
     )
 
 
-def _open_features(path: Path) -> np.ndarray:
+def open_features(path: str | Path) -> np.ndarray:
     """Memory-map the .npy (header read only) and check dtype and rank."""
     try:
         features = np.load(path, mmap_mode="r", allow_pickle=False)
@@ -125,10 +122,10 @@ def _open_features(path: Path) -> np.ndarray:
     return features
 
 
-def _read_captions(path: Path) -> list[str]:
+def read_captions(path: str | Path) -> list[str]:
     """One caption per line; only the line ending is stripped (captions keep their spaces)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise PrecompError(f"{path}: not valid UTF-8 ({e})") from None
     if not text:
@@ -143,17 +140,22 @@ def _read_captions(path: Path) -> list[str]:
     return captions
 
 
-def _check_finite(path: Path, features: np.ndarray, progress: Callable[[str], None] | None) -> None:
-    """Scan in bounded chunks (never the whole file at once) for NaN/inf; name the first bad row."""
+def check_finite(block: np.ndarray, name: str | Path, rows: np.ndarray | None = None) -> None:
+    """Raise naming the first row of ``block`` with a NaN or inf; ``rows`` are the file rows
+    that ``block`` holds (default: its own row numbers)."""
+    bad = np.flatnonzero(~np.isfinite(block.reshape(len(block), -1)).all(axis=1))
+    if bad.size:
+        row = int(bad[0]) if rows is None else int(np.asarray(rows).reshape(-1)[bad[0]])
+        raise PrecompError(f"{name}: row {row} has non-finite values")
+
+
+def scan_finite(
+    features: np.ndarray, name: str | Path, progress: Callable[[str], None] | None = None
+) -> None:
+    """Read every row in bounded chunks (never the whole file at once) and check it is finite."""
     rows = features.shape[0]
-    report_every = max(rows // 10, 1) if progress and rows > PROGRESS_MIN_ROWS else 0
-    next_report = report_every
+    bar = Progress(f"{Path(name).name}: NaN/inf scan", rows, progress)
     for start in range(0, rows, SCAN_CHUNK_ROWS):
         chunk = np.asarray(features[start : start + SCAN_CHUNK_ROWS])
-        bad = np.flatnonzero(~np.isfinite(chunk).all(axis=(1, 2)))
-        if bad.size:
-            raise PrecompError(f"{path}: row {start + int(bad[0])} has non-finite values")
-        done = min(start + SCAN_CHUNK_ROWS, rows)
-        if progress is not None and report_every and done >= next_report:
-            progress(f"{path.name}: checked {done}/{rows} rows ({100 * done // rows}%) for NaN/inf")
-            next_report += report_every
+        check_finite(chunk, name, np.arange(start, start + len(chunk)))
+        bar.update(len(chunk))

@@ -1,7 +1,7 @@
 """Ray Data ingest: a dataset of light rows (caption id, token ids); features stay on disk.
 
 Pushing 300 KB region-feature rows through the object store is what costs on Ray
-(``../shared/docs/ray-notes.md``), so the dataset carries only ids and tokens, tokenised once
+(docs/ray.md), so the dataset carries only ids and tokens, tokenised once
 in Ray tasks. Each train worker gathers its batch's features from its own memory map of the
 ``.npy`` (one read per batch, no worker ever holds the file) and re-draws the word and region
 augmentation every epoch from a seeded generator.
@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from hrem_ray.data.precomp import PrecompSplit
+from hrem_ray.data.precomp import PrecompSplit, read_captions
 from hrem_ray.data.tokenize import CaptionTokenizer
 
 if TYPE_CHECKING:
@@ -28,9 +28,8 @@ ROWS_PER_BLOCK = 20_000  # token rows are ~100 bytes: blocks only serve parallel
 
 @lru_cache(maxsize=4)
 def _captions(caps_path: str) -> list[str]:
-    """Captions of a split, read once per Ray worker process (one line per caption)."""
-    with open(caps_path, encoding="utf-8") as f:
-        return [line.rstrip("\n").removesuffix("\r") for line in f]
+    """Captions of a split, read once per Ray worker process."""
+    return read_captions(caps_path)
 
 
 @lru_cache(maxsize=4)

@@ -1,7 +1,9 @@
 """``hrem-ray demo``: from nothing to a tuned model behind an HTTP endpoint, in one command.
 
-Every stage is one of the project's own commands, run in this process and printed as the
-command line a user would type, so the demo teaches the tools it composes:
+Every stage calls the library functions behind one of the project's commands, with configs
+built here, and prints the ``hrem-ray`` command line that makes the same call (rendered from
+the same config and options, so the line shown is what ran). The demo teaches the tools it
+composes:
 
     data -> fresh -> train -> frozen -> sweep -> eval -> index -> serve (+ example queries)
 
@@ -13,6 +15,7 @@ here, serves every Ray stage. ``report/index.html`` gathers the results.
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import socket
 import time
@@ -24,6 +27,7 @@ from typing import Any
 
 import yaml
 
+from hrem_ray.config import HREMConfig
 from hrem_ray.fileio import write_text_atomic
 
 STATE_FILE = "demo.json"
@@ -130,19 +134,23 @@ class Demo:
 
         return default_bert_path()
 
-    def config_flags(self, epochs: int) -> list[str]:
-        """The flags every training command of the demo shares."""
+    def config(self, epochs: int, *sets: str) -> HREMConfig:
+        """The config every training command of the demo shares, plus ``sets``."""
         p = self.profile
+        cfg = HREMConfig()
+        cfg.data.data_path, cfg.data.dataset = str(self.data), "f30k"
+        cfg.model.bert_path = self.bert()
+        cfg.train.epochs, cfg.train.batch_size = epochs, p.batch_size
         # The relation module from the first step (the recipe waits 8,000): in 2-epoch runs
         # it learned faster (dev rsum 407 vs 354 with it switched on after epoch 1), and the
         # sweep's ASHA cut after epoch 1 then compares the relation knobs it searches.
-        sets = ["model.warmup=0", "train.log_every=10", f"train.lr_decay_epochs=[{epochs + 1}]",
-                *p.model_sets]  # fmt: skip
-        return [
-            "--data-path", str(self.data), "--dataset", "f30k", "--bert-path", self.bert(),
-            "--epochs", str(epochs), "--batch-size", str(p.batch_size),
-            *[x for s in sets for x in ("--set", s)],
-        ]  # fmt: skip
+        sets = ("model.warmup=0", "train.log_every=10", f"train.lr_decay_epochs=[{epochs + 1}]",
+                *p.model_sets, *sets)  # fmt: skip
+        return cfg.override(list(sets))
+
+    def show(self, command: str, cfg: HREMConfig | None = None, **flags: Any) -> None:
+        """Print the command line of the call about to run."""
+        self.log("$ " + shlex.join(["hrem-ray", *command_argv(command, cfg, **flags)]))
 
     # ------------------------------------------------------------------ the run
 
@@ -211,65 +219,77 @@ class Demo:
     def _save_state(self) -> None:
         write_text_atomic(self.out / STATE_FILE, json.dumps(asdict(self.state), indent=2))
 
-    def command(self, argv: list[str]) -> None:
-        """Run one ``hrem-ray`` command in this process, showing it as typed."""
-        from hrem_ray.cli import main
-
-        self.log("$ hrem-ray " + " ".join(_quote(a) for a in argv))
-        main(argv)
-
     # ------------------------------------------------------------------ stages
 
     def stage_data(self) -> dict[str, Any]:
+        from hrem_ray.backbone import write_tiny_bert
+        from hrem_ray.data.synth import write_synthetic
+
         p = self.profile
-        if self.profile.tiny_bert:
-            self.command(["tiny-bert", "--out", self.bert()])
-        sizes = [str(p.train_images), str(p.eval_images), str(p.eval_images)]
-        self.command(["synth", "--out", str(self.data), "--train-images", sizes[0],
-                      "--dev-images", sizes[1], "--test-images", sizes[2]])  # fmt: skip
+        if p.tiny_bert:
+            self.show("tiny-bert", out=self.bert())
+            write_tiny_bert(self.bert())
+        sizes = dict(train_images=p.train_images, dev_images=p.eval_images,
+                     test_images=p.eval_images)  # fmt: skip
+        self.show("synth", out=str(self.data), **sizes)
+        write_synthetic(self.data, **sizes, progress=None)
         return {"train_images": p.train_images, "eval_images": p.eval_images}
 
     def stage_fresh(self) -> dict[str, Any]:
-        path = self.out / "fresh"
-        flags = self.config_flags(self.profile.epochs)
-        self.command(["init-checkpoint", "--out", str(path),
-                      *_only(flags, "--bert-path", "--set")])  # fmt: skip
-        return {"checkpoint": str(path)}
+        from hrem_ray.train.setup import init_checkpoint
 
-    def _train(self, name: str, extra: list[str]) -> dict[str, Any]:
+        path = str(self.out / "fresh")
+        cfg = self.config(self.profile.epochs)
+        self.show("init-checkpoint", cfg, out=path)
+        init_checkpoint(cfg, path)
+        return {"checkpoint": path}
+
+    def train_call(self, name: str, *sets: str) -> tuple[HREMConfig, dict[str, Any]]:
+        """The config and run options of a training stage (an interrupted one resumes)."""
+        options = dict(storage_path=str(self.runs), name=name, num_workers=2,
+                       cpus_per_worker=0.5, resume=(self.runs / name).exists())  # fmt: skip
+        return self.config(self.profile.epochs, *sets), options
+
+    def _train(self, name: str, *sets: str) -> dict[str, Any]:
+        from hrem_ray.train.ray_train import RayRunOptions, train_ray
+
         self._start_ray()
-        run = self.runs / name
-        argv = ["train", *self.config_flags(self.profile.epochs), "--num-workers", "2",
-                "--cpus-per-worker", "0.5", "--storage-path", str(self.runs), "--name", name,
-                *extra]  # fmt: skip
-        if run.exists():
-            argv.append("--resume")  # an interrupted earlier demo: continue its run
-        self.command(argv)
-        return {"checkpoint": str(run / "best"), "run": str(run)}
+        cfg, options = self.train_call(name, *sets)
+        self.show("train", cfg, **options)
+        best = train_ray(cfg, RayRunOptions(**options), log=self.log)
+        return {"checkpoint": best, "run": str(self.runs / name)}
 
     def stage_train(self) -> dict[str, Any]:
-        return self._train("train", [])
+        return self._train("train")
 
     def stage_frozen(self) -> dict[str, Any]:
-        return self._train("frozen", ["--set", "train.bert_lr_factor=0"])
+        return self._train("frozen", "train.bert_lr_factor=0")
+
+    def sweep_call(self) -> tuple[HREMConfig, dict[str, Any]]:
+        """The config and sweep options of the sweep stage (its space is written first).
+
+        The backbone is frozen: 2.4x faster steps, and in these short runs the frozen recipe
+        learned faster than fine-tuning (docs/demo.md)."""
+        p = self.profile
+        options = dict(space=str(self.out / "space.yaml"), storage_path=str(self.runs),
+                       name="sweep", num_workers=1, cpus_per_worker=0.5,
+                       resume=(self.runs / "sweep").exists())  # fmt: skip
+        return self.config(p.sweep_epochs, "train.bert_lr_factor=0"), options
 
     def stage_sweep(self) -> dict[str, Any]:
+        from hrem_ray.tune.space import load_space
+        from hrem_ray.tune.sweep import SweepOptions, run_sweep
+
         self._start_ray()
         p = self.profile
-        space = self.out / "space.yaml"
         raw = {"num_samples": p.sweep_samples, "search": "random", "params": p.sweep_params,
                "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2}}  # fmt: skip
-        write_text_atomic(space, yaml.safe_dump(raw, sort_keys=False))
-        # The backbone frozen: 2.4x faster steps, and in these short runs the frozen
-        # recipe learned faster than fine-tuning (README, "The demo").
-        argv = ["tune", "--space", str(space), *self.config_flags(p.sweep_epochs),
-                "--set", "train.bert_lr_factor=0", "--num-workers", "1", "--cpus-per-worker", "0.5",
-                "--storage-path", str(self.runs), "--name", "sweep"]  # fmt: skip
-        if (self.runs / "sweep").exists():
-            argv.append("--resume")
-        self.command(argv)
-        trials = json.loads((self.runs / "sweep" / "trials.json").read_text())
-        return {"checkpoint": str(self.runs / "sweep" / "best"), "trials": trials,
+        cfg, options = self.sweep_call()
+        write_text_atomic(options["space"], yaml.safe_dump(raw, sort_keys=False))
+        self.show("tune", cfg, **options)
+        space = load_space(options.pop("space"), base=cfg)
+        summary = run_sweep(cfg, space, SweepOptions(**options), log=self.log)
+        return {"checkpoint": summary["best"], "trials": summary["trials"],
                 "params": list(p.sweep_params)}  # fmt: skip
 
     def stage_eval(self) -> dict[str, Any]:
@@ -277,6 +297,7 @@ class Demo:
         best model (served next) is the trained one with the highest dev rsum, whichever
         recipe it came from (test is only reported, never used to choose)."""
         from hrem_ray.checkpoint import read_record
+        from hrem_ray.eval.evaluate import evaluate_checkpoint
 
         models = {name: self.state.stages[name]["checkpoint"]
                   for name in ("fresh", "frozen", "train", "sweep")}  # fmt: skip
@@ -285,30 +306,32 @@ class Demo:
         best = max(dev, key=dev.get)
         results = {}
         for name, ckpt in models.items():
-            out = self.out / "eval" / f"{name}.json"
-            self.command(["eval", "--checkpoint", ckpt, "--data-path", str(self.data),
-                          "--dataset", "f30k", "--split", "test", "--json", str(out)])  # fmt: skip
-            results[name] = json.loads(out.read_text())
+            call = dict(checkpoint=ckpt, data_path=str(self.data), dataset="f30k", split="test")
+            self.show("eval", **call)
+            results[name] = evaluate_checkpoint(**call)
+            self.log(f"{name}: test rsum {results[name]['rsum']:.1f}")
         scores = ", ".join(f"{n} {v:.1f}" for n, v in dev.items())
         self.log(f"best model: {best} (dev rsum: {scores})")
         return {"test": results, "dev_rsum": dev, "best": best, "checkpoint": models[best]}
 
     def stage_index(self) -> dict[str, Any]:
-        gallery = self.out / "gallery"
-        self.command(["index", "--checkpoint", self.state.stages["eval"]["checkpoint"],
-                      "--data-path", str(self.data), "--dataset", "f30k", "--split", "test",
-                      "--out", str(gallery)])  # fmt: skip
-        return {"gallery": str(gallery)}
+        from hrem_ray.index.gallery import build_gallery
+
+        call = dict(checkpoint=self.state.stages["eval"]["checkpoint"], data_path=str(self.data),
+                    dataset="f30k", split="test", out=str(self.out / "gallery"))  # fmt: skip
+        self.show("index", **call)
+        build_gallery(**call)
+        return {"gallery": call["out"]}
 
     def stage_serve(self) -> dict[str, Any]:
         from hrem_ray.serving.app import run_service
 
         self._start_ray()
-        checkpoint = self.state.stages["eval"]["checkpoint"]
-        gallery = self.state.stages["index"]["gallery"]
-        self.log(f"$ hrem-ray serve --checkpoint {checkpoint} --gallery {gallery} "
-                 f"--port {self.options.port}")  # fmt: skip
-        self.url = run_service(checkpoint, gallery, port=self.options.port)
+        stages = self.state.stages
+        call = dict(checkpoint=stages["eval"]["checkpoint"], gallery=stages["index"]["gallery"],
+                    port=self.options.port)  # fmt: skip
+        self.show("serve", **call)
+        self.url = run_service(**call)
         _wait_ready(self.url)
         return {"url": self.url, "queries": self.example_queries()}
 
@@ -364,13 +387,17 @@ class Demo:
             ray.shutdown()
 
 
-def _only(argv: list[str], *flags: str) -> list[str]:
-    """The given flags (with their values) out of a flag list."""
-    return [x for a, v in zip(argv[::2], argv[1::2], strict=True) if a in flags for x in (a, v)]
-
-
-def _quote(arg: str) -> str:
-    return f"'{arg}'" if any(c in arg for c in " []") else arg
+def command_argv(command: str, cfg: HREMConfig | None = None, **flags: Any) -> list[str]:
+    """``hrem-ray`` argv for a library call: the config's flags, then each keyword as
+    ``--keyword value`` (True: a bare switch; False and None: left out)."""
+    argv = [command, *(cfg.to_flags() if cfg is not None else [])]
+    for key, value in flags.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            argv.append(flag)
+        elif value is not None and value is not False:
+            argv += [flag, str(value)]
+    return argv
 
 
 def _check_port_free(port: int) -> None:

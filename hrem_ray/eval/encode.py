@@ -1,16 +1,14 @@
-"""Encode a whole split into an id-ordered embedding matrix, and score it (spec section 8)."""
+"""Encode a whole split into an id-ordered embedding matrix, and score it (docs/evaluation.md)."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
 from torch import Tensor
 
-# Progress is reported after each further tenth of the rows, and when the last row is done.
-PROGRESS_STEPS = 10
+from hrem_ray.progress import Progress
 
 
 def check_batch_size(batch_size: int) -> None:
@@ -37,7 +35,7 @@ def encode(
         raise ValueError(f"n must be positive, got {n}")
     out: np.ndarray | None = None
     seen = np.zeros(n, dtype=np.int64)
-    done, reported, start = 0, 0, time.perf_counter()
+    bar = Progress(desc, n, progress)
     with torch.inference_mode():
         for ids, x, lengths in batches:
             ids = np.asarray(ids, dtype=np.int64).reshape(-1)
@@ -50,17 +48,9 @@ def encode(
                 out = np.empty((n, emb.shape[1]), dtype=np.float32)
             out[ids] = emb
             np.add.at(seen, ids, 1)
-            done += ids.size
-            if progress is not None and (done - reported >= n / PROGRESS_STEPS or done >= n):
-                progress(_progress_line(desc, done, n, time.perf_counter() - start))
-                reported = done
+            bar.update(ids.size)
     _check_coverage(seen, desc)
     return out
-
-
-def _progress_line(desc: str, done: int, n: int, seconds: float) -> str:
-    rate = done / seconds if seconds > 0 else float("inf")
-    return f"{desc}: {done}/{n} rows ({100 * done / n:.0f}%), {rate:.1f} rows/s"
 
 
 def _check_coverage(seen: np.ndarray, desc: str) -> None:

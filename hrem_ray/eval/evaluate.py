@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from hrem_ray.data.batches import caption_batches, image_batches
-from hrem_ray.data.precomp import PrecompSplit
+from hrem_ray.data.precomp import PrecompSplit, open_split
 from hrem_ray.data.tokenize import CaptionTokenizer
-from hrem_ray.eval.encode import check_batch_size, encode, similarity
+from hrem_ray.embed import embed_split
+from hrem_ray.eval.encode import similarity
 from hrem_ray.eval.metrics import N_FOLDS, evaluate_fold5, evaluate_sims
 from hrem_ray.model import HREM
 
@@ -25,37 +26,42 @@ def evaluate_split(
     fold5: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Spec section 8 metrics; with ``fold5`` also the COCO 5-fold 1K average."""
-    check_batch_size(batch_size)
-    dim = split.features.shape[-1]
-    if dim != model.cfg.img_dim:
-        raise ValueError(
-            f"{split.ims_path}: features have dimension {dim} but the model expects "
-            f"img_dim={model.cfg.img_dim}"
-        )
+    """The protocol of docs/evaluation.md; with ``fold5`` also the COCO 5-fold 1K average."""
     if fold5 and split.n_images % N_FOLDS:
         raise ValueError(
             f"fold5 needs an image count divisible by {N_FOLDS}; "
             f"{split.caps_path} has {split.n_images} images"
         )
-    was_training = model.training
-    model.eval()
-    try:
-        imgs = encode(
-            model.embed_images, image_batches(split, batch_size), split.n_images,
-            device=device, progress=progress, desc="encode images",
-        )  # fmt: skip
-        caps = encode(
-            model.embed_texts, caption_batches(split, tokenizer, batch_size), split.n_captions,
-            device=device, progress=progress, desc="encode captions",
-        )  # fmt: skip
-    finally:
-        model.train(was_training)
+    imgs, caps = embed_split(
+        model, split, tokenizer, batch_size=batch_size, device=device, progress=progress
+    )
     sims = similarity(imgs, caps)
     result = evaluate_sims(sims)
     if fold5:
         result["fold5"] = evaluate_fold5(sims)
     return result
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    data_path: str | Path,
+    dataset: str,
+    split: str = "test",
+    *,
+    batch_size: int = 128,
+    device: str = "cpu",
+    fold5: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """``evaluate_split`` of a saved checkpoint (``hrem-ray eval``); the split is checked
+    before the model is loaded."""
+    from hrem_ray.checkpoint import load_checkpoint
+
+    data = open_split(data_path, dataset, split)
+    ck = load_checkpoint(checkpoint, device=device)
+    tokenizer = CaptionTokenizer.from_dir(ck.backbone_dir, max_tokens=ck.config.data.max_tokens)
+    return evaluate_split(ck.model, data, tokenizer, batch_size=batch_size, device=device,
+                          fold5=fold5, progress=progress)  # fmt: skip
 
 
 def flat_metrics(result: dict[str, Any]) -> dict[str, float]:

@@ -27,10 +27,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hrem_ray.checkpoint import load_checkpoint
-from hrem_ray.data.batches import caption_batches, image_batches
 from hrem_ray.data.precomp import CAPTIONS_PER_IMAGE, open_split
 from hrem_ray.data.tokenize import CaptionTokenizer
-from hrem_ray.eval.encode import check_batch_size, encode
+from hrem_ray.embed import embed_split
+from hrem_ray.eval.encode import check_batch_size
 from hrem_ray.fileio import write_dir_atomic
 from hrem_ray.index.ivf import (
     DEFAULT_NPROBE,
@@ -74,15 +74,12 @@ def build_gallery(
     ``ivf`` > 0 also trains IVF indexes with that many lists (see ``write_gallery``).
     """
     check_batch_size(batch_size)  # before minutes of loading, not as a range() error
-    data = open_split(data_path, dataset, split, progress=progress)
+    data = open_split(data_path, dataset, split)
     _check_options(dtype, ivf, nprobe, data.n_images)  # before minutes of encoding
     ck = load_checkpoint(checkpoint, device=device)
     tokenizer = CaptionTokenizer.from_dir(ck.backbone_dir, max_tokens=ck.config.data.max_tokens)
-    kw = dict(device=device, progress=progress)
-    imgs = encode(ck.model.embed_images, image_batches(data, batch_size), data.n_images,
-                  desc="gallery images", **kw)  # fmt: skip
-    caps = encode(ck.model.embed_texts, caption_batches(data, tokenizer, batch_size),
-                  data.n_captions, desc="gallery captions", **kw)  # fmt: skip
+    imgs, caps = embed_split(ck.model, data, tokenizer, batch_size=batch_size, device=device,
+                             progress=progress)  # fmt: skip
     meta = {
         "checkpoint": str(Path(checkpoint).resolve()),
         "checkpoint_meta": ck.meta,

@@ -7,7 +7,7 @@ the global batch (spec section 6, last point).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -29,9 +29,6 @@ class Encoded:
     words: Tensor  # [B, L, D] pre-pool word features W
     image_lengths: Tensor  # [B]
     token_lengths: Tensor  # [B]
-
-    def tensors(self) -> dict[str, Tensor]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 @dataclass

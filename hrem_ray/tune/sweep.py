@@ -30,12 +30,8 @@ from hrem_ray.checkpoint import (
 )
 from hrem_ray.config import HREMConfig
 from hrem_ray.fileio import write_atomic, write_text_atomic
-from hrem_ray.train.ray_train import (
-    METRIC,
-    RayRunOptions,
-    build_trainer,
-    prepare_run,
-)
+from hrem_ray.train.ray_train import METRIC, RayRunOptions, build_trainer
+from hrem_ray.train.setup import check_data, check_new_run, resolve_config, run_path
 from hrem_ray.tune.space import SearchSpace
 
 CHECKPOINT_PATH = "checkpoint_path"  # key TuneReportCallback adds to the reported metrics
@@ -81,8 +77,7 @@ def _run_trial(sampled: dict[str, Any], base: dict[str, Any], options: dict[str,
     cfg = trial_config(base, sampled)
     ctx = tune.get_context()
     run = RayRunOptions(**options, name=ctx.get_trial_id(), resume=True)
-    # The sweep's driver validated the data once (a full scan per trial would be slow).
-    build_trainer(cfg, run, callbacks=[TuneReportCallback()], check_finite=False).fit()
+    build_trainer(cfg, run, callbacks=[TuneReportCallback()]).fit()
 
 
 def _searcher(space: SearchSpace, metric: str):
@@ -109,7 +104,7 @@ def _scheduler(space: SearchSpace, epochs: int):
 
 
 def sweep_dir(options: SweepOptions) -> str:
-    return os.path.join(os.path.abspath(options.storage_path), options.name)
+    return run_path(options.storage_path, options.name)
 
 
 def run_sweep(
@@ -122,9 +117,9 @@ def run_sweep(
     """Run (or, with ``options.resume``, continue) a sweep; returns the summary."""
     path = sweep_dir(options)
     space.check(cfg)  # before any trial: every value valid on top of this config
-    if os.path.isdir(path) and not options.resume:
-        raise FileExistsError(f"{path} already holds a sweep: pass --resume or use a new --name")
-    prepare_run(cfg, options.num_workers)
+    check_new_run(path, options.resume, "sweep")
+    cfg = resolve_config(cfg)
+    check_data(cfg, options.num_workers)
     trial_options = {
         "storage_path": os.path.join(path, "trials"),
         "num_workers": options.num_workers,
