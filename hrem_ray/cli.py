@@ -23,6 +23,7 @@ ADDRESS_HELP = (
     "Ray cluster to join; default: RAY_ADDRESS, else a new local instance ('auto': the "
     "cluster started with `ray start` on this machine)"
 )
+VERBOSE_HELP = "also show Ray's own logs (default: they stay in /tmp/ray/session_latest/logs)"
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
 
 
@@ -148,7 +149,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
     from hrem_ray.ray_runtime import init_ray
     from hrem_ray.serving.app import run_service, wait_until_interrupted
 
-    init_ray(a.address)
+    init_ray(a.address, verbose=a.verbose)
     url = run_service(
         a.checkpoint, a.gallery, host=a.host, port=a.port,
         api_key=a.api_key or os.environ.get("HREM_API_KEY"), max_replicas=a.max_replicas,
@@ -177,7 +178,7 @@ def cmd_train(a: argparse.Namespace) -> None:
             use_gpu=a.use_gpu, cpus_per_worker=a.cpus_per_worker,
             max_failures=a.max_failures, resume=a.resume,
         )  # fmt: skip
-        init_ray(a.address)
+        init_ray(a.address, verbose=a.verbose)
         best = train_ray(cfg, options, log=_log)
     _log(f"best checkpoint: {best}")
 
@@ -198,9 +199,9 @@ def cmd_tune(a: argparse.Namespace) -> None:
     options = SweepOptions(
         storage_path=a.storage_path, name=a.name, num_workers=a.num_workers, use_gpu=a.use_gpu,
         cpus_per_worker=a.cpus_per_worker, max_concurrent_trials=a.max_concurrent_trials,
-        resume=a.resume,
+        resume=a.resume, verbose=a.verbose,
     )  # fmt: skip
-    init_ray(a.address)
+    init_ray(a.address, verbose=a.verbose)
     summary = run_sweep(cfg, space, options, log=_log)
     _log(f"best checkpoint: {summary['best']}")
 
@@ -209,7 +210,7 @@ def cmd_demo(a: argparse.Namespace) -> None:
     from hrem_ray.demo.pipeline import DemoOptions, run_demo
 
     run_demo(DemoOptions(out=a.out, tiny=a.tiny, fresh=a.fresh, serve=not a.no_serve,
-                         port=a.port), log=_log)  # fmt: skip
+                         port=a.port, verbose=a.verbose), log=_log)  # fmt: skip
 
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
@@ -315,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", help="require this x-api-key header (or set HREM_API_KEY)")
     p.add_argument("--max-replicas", type=int, default=2)
     p.add_argument("--address", help=ADDRESS_HELP)
+    p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("train", help="train HREM on Ray Train (or --local: one process)")
@@ -332,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help=ADDRESS_HELP)
     p.add_argument("--local", action="store_true", help="single process, no Ray")
     p.add_argument("--device", default="cpu", help="with --local: cpu or cuda")
+    p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     _add_config_flags(p)
     p.set_defaults(func=cmd_train)
 
@@ -350,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
     p.add_argument("--max-concurrent-trials", type=int)
     p.add_argument("--address", help=ADDRESS_HELP)
+    p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     _add_config_flags(p)
     p.set_defaults(func=cmd_tune)
 
@@ -362,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-serve", action="store_true",
                    help="stop the service after the example queries")  # fmt: skip
     p.add_argument("--port", type=int, default=8000, help="the service's port (127.0.0.1)")
+    p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -9,8 +9,11 @@ configs can use this module before anything starts.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import threading
+from collections.abc import Callable
 from typing import Any
 
 # For a shared cluster use RAY_AUTH_MODE=token instead (docs/cluster.md).
@@ -42,10 +45,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_ray(address: str | None = None, **init_kwargs: Any) -> None:
+def init_ray(address: str | None = None, *, verbose: bool = False, **init_kwargs: Any) -> None:
     """Join ``address`` (or RAY_ADDRESS, as under ``ray job submit``; ``"auto"``: the cluster
     started with ``ray start`` on this machine), else start a new local Ray; either way every
     Ray process of the job gets RAY_ADDRESS naming this cluster. A no-op if Ray is running.
+
+    Unless ``verbose``, Ray's own output (worker logs, Ray Data banners, Train's controller
+    messages) stays in Ray's log files (``/tmp/ray/session_latest/logs``) and the console
+    shows hrem-ray's lines only; workers send theirs through a ``LineRelay``.
 
     Each Ray Train run (a training, every trial of a sweep) starts a PlacementGroupCleaner that
     watches the run's controller through the state API, and the state API finds its cluster from
@@ -61,6 +68,10 @@ def init_ray(address: str | None = None, **init_kwargs: Any) -> None:
 
     if ray.is_initialized():
         return
+    if not verbose:
+        init_kwargs.setdefault("log_to_driver", False)
+        init_kwargs.setdefault("logging_level", logging.WARNING)
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
     address = address or os.environ.get("RAY_ADDRESS") or "local"
     runtime_env = dict(init_kwargs.pop("runtime_env", None) or {})
     env_vars = dict(runtime_env.get("env_vars") or {})
@@ -84,3 +95,43 @@ def init_ray(address: str | None = None, **init_kwargs: Any) -> None:
     if env_vars:
         runtime_env["env_vars"] = env_vars
     ray.init(address=address, runtime_env=runtime_env or None, **init_kwargs)
+
+
+class LineRelay:
+    """Console lines sent by Ray workers (rank 0 of a run) and printed by the driver, once.
+
+    Ray's log forwarding to the driver is off by default (``init_ray``); this carries only
+    hrem-ray's progress lines. ``send`` is picklable: it travels in a worker's config.
+    """
+
+    def __init__(self, log: Callable[[str], None]) -> None:
+        from ray.util.queue import Queue
+
+        self.log = log
+        self.queue = Queue(actor_options={"num_cpus": 0})
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._pump, daemon=True)
+
+    @property
+    def send(self) -> Callable[[str], None]:
+        return self.queue.put
+
+    def __enter__(self) -> LineRelay:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        while not self.queue.empty():  # what arrived after the last poll
+            self.log(self.queue.get_nowait())
+        self.queue.shutdown()
+
+    def _pump(self) -> None:
+        from ray.util.queue import Empty
+
+        while not self._stop.is_set():
+            try:
+                self.log(self.queue.get(timeout=0.5))
+            except Empty:
+                continue

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -14,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from hrem_ray.cli import main
-from hrem_ray.demo.pipeline import STATE_FILE, DemoOptions, run_demo
+from hrem_ray.cli import _config as cli_config
+from hrem_ray.cli import build_parser, main
+from hrem_ray.demo.pipeline import STATE_FILE, Demo, DemoOptions, run_demo
 from hrem_ray.demo.report import write_report
 from tests.helpers import free_port
 
@@ -137,3 +139,38 @@ def test_a_busy_port_is_refused_before_any_work(tmp_path, capsys):
     assert exc.value.code == 2
     assert f"port {port} is in use" in capsys.readouterr().err
     assert not (tmp_path / "demo").exists()
+
+
+def _parse(line: str):
+    """A printed ``$ hrem-ray ...`` line parsed by the real CLI parser."""
+    argv = shlex.split(line.removeprefix("$ "))
+    assert argv[0] == "hrem-ray"
+    return build_parser().parse_args(argv[1:])
+
+
+def test_printed_commands_are_the_calls_that_run(tmp_path):
+    """Each stage prints the command line of the call it makes: parsed back by the CLI, the
+    line gives the same config and the same options, so what is shown is what ran."""
+    lines: list[str] = []
+    demo = Demo(DemoOptions(out=str(tmp_path / "demo"), tiny=True), log=lines.append)
+    for (cfg, options), command in ((demo.train_call("frozen", "train.bert_lr_factor=0"), "train"),
+                                    (demo.sweep_call(), "tune")):  # fmt: skip
+        demo.show(command, cfg, **options)
+        args = _parse(lines[-1])
+        assert args.command == command
+        assert cli_config(args).to_dict() == cfg.to_dict()
+        assert cfg.train.bert_lr_factor == 0 and cfg.model.warmup == 0
+        for key, value in options.items():
+            assert getattr(args, key) == value, key
+    demo.show("eval", checkpoint="/a b/ck", data_path=str(demo.data), dataset="f30k")
+    args = _parse(lines[-1])
+    assert (args.checkpoint, args.data_path, args.split) == ("/a b/ck", str(demo.data), "test")
+
+
+def test_the_demo_never_imports_the_cli():
+    """The CLI imports the demo, never the other way round (no import cycle)."""
+    code = (
+        "import sys, hrem_ray.demo.pipeline, hrem_ray.demo.report; "
+        "sys.exit('hrem_ray.cli' in sys.modules)"
+    )
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -97,6 +97,7 @@ class DemoOptions:
     fresh: bool = False
     serve: bool = True  # keep the service up after the example queries (Ctrl-C stops it)
     port: int = 8000
+    verbose: bool = False  # Ray's own logs on the console too
 
 
 @dataclass
@@ -375,7 +376,7 @@ class Demo:
 
         if not ray.is_initialized():
             self.log("starting a local Ray instance")
-            init_ray(None)
+            init_ray(None, verbose=self.options.verbose)
 
     def _stop_ray(self) -> None:
         import ray

@@ -128,7 +128,7 @@ def train_epoch(
         samples += len(batch)
         if log and parts is not None and steps % cfg.train.log_every == 0:
             log(
-                f"epoch {state.epoch} step {steps} iter {state.iteration} "
+                f"epoch {state.epoch + 1} step {steps} iter {state.iteration} "
                 f"loss {sums['loss'] / steps:.4f} ({samples / (time.perf_counter() - start):.1f} "
                 "samples/s)"
             )
@@ -213,6 +213,8 @@ def _epoch_line(epoch: int, epochs: int, m: dict[str, Any], is_best: bool) -> st
     line += f", {m['samples_per_s']:.1f} samples/s, {m['epoch_seconds']:.1f}s"
     if "rsum" in m:
         line += f", dev rsum {m['rsum']:.2f}" + (" (best)" if is_best else "")
+    if epoch + 1 < epochs:  # from this epoch's training time (evaluation not counted)
+        line += f", ETA {(epochs - epoch - 1) * m['epoch_seconds']:.0f}s"
     return line
 
 

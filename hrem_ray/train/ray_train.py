@@ -28,6 +28,7 @@ from hrem_ray.checkpoint import copy_checkpoint, load_train_state
 from hrem_ray.config import HREMConfig
 from hrem_ray.data.precomp import open_split
 from hrem_ray.data.ray_data import pairs_dataset, shard_batches
+from hrem_ray.ray_runtime import LineRelay
 from hrem_ray.train.distributed import gather_encoded, world_size, wrap_ddp
 from hrem_ray.train.history import write_history
 from hrem_ray.train.loop import EpochReport, fit
@@ -111,20 +112,26 @@ def train_worker(config: dict[str, Any]) -> None:
     fit(
         wrapped, trainee.optimizer, cfg, epoch_batches=epoch_batches, evaluate=evaluate,
         report=report, state=trainee.state, device=device, generator=trainee.generator,
-        gather=gather_encoded if workers > 1 else None, log=print if rank == 0 else None,
+        gather=gather_encoded if workers > 1 else None,
+        log=config.get("log") if rank == 0 else None,
     )  # fmt: skip
 
 
 def build_trainer(
-    cfg: HREMConfig, options: RayRunOptions, *, callbacks: list | None = None
+    cfg: HREMConfig,
+    options: RayRunOptions,
+    *,
+    callbacks: list | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> TorchTrainer:
     """A TorchTrainer for ``cfg`` (on a resolved copy): the data is checked first, from
-    headers and captions only, so a bad path fails here rather than on a worker."""
+    headers and captions only, so a bad path fails here rather than on a worker. Rank 0's
+    progress lines go to ``log`` (e.g. a ``LineRelay``'s ``send``)."""
     cfg = resolve_config(cfg)
     train = check_data(cfg, options.num_workers)
     return TorchTrainer(
         train_worker,
-        train_loop_config={"hrem": cfg.to_dict()},
+        train_loop_config={"hrem": cfg.to_dict(), "log": log},
         scaling_config=ScalingConfig(
             num_workers=options.num_workers,
             use_gpu=options.use_gpu,
@@ -152,7 +159,8 @@ def train_ray(
     inside the run's storage, local or a URI, next to the run's metrics files."""
     path = run_path(options.storage_path, options.name)
     check_new_run(path, options.resume)
-    result = build_trainer(cfg, options).fit()
+    with LineRelay(log) as relay:
+        result = build_trainer(cfg, options, log=relay.send).fit()
     if result.error is not None:
         raise result.error
     best, metrics = max(result.best_checkpoints or [], key=lambda cm: cm[1].get(METRIC, -1e9),

@@ -22,6 +22,7 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
+from hrem_ray import storage
 from hrem_ray.checkpoint import (
     CheckpointError,
     copy_checkpoint,
@@ -46,6 +47,7 @@ class SweepOptions:
     cpus_per_worker: float = 1.0
     max_concurrent_trials: int | None = None  # default: what the cluster can hold
     resume: bool = False
+    verbose: bool = False  # Tune's own status tables, besides our per-epoch lines
 
 
 def concurrency(options: SweepOptions, space: SearchSpace) -> int:
@@ -78,6 +80,25 @@ def _run_trial(sampled: dict[str, Any], base: dict[str, Any], options: dict[str,
     ctx = tune.get_context()
     run = RayRunOptions(**options, name=ctx.get_trial_id(), resume=True)
     build_trainer(cfg, run, callbacks=[TuneReportCallback()]).fit()
+
+
+class EpochLines(tune.Callback):
+    """One console line per trial epoch, printed by the sweep's driver."""
+
+    def __init__(self, log: Callable[[str], None]) -> None:
+        self.log = log
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        if METRIC in result and "epoch" in result:
+            self.log(
+                f"trial {trial.trial_id} epoch {int(result['epoch']) + 1}: loss "
+                f"{result.get('train_loss', float('nan')):.4f}, "
+                f"{result.get('samples_per_s', 0.0):.1f} samples/s, dev rsum {result[METRIC]:.2f}"
+            )
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self.log(f"trial {trial.trial_id} finished ({sum(t.is_finished() for t in trials)}/"
+                 f"{len(trials)} done)")  # fmt: skip
 
 
 def _searcher(space: SearchSpace, metric: str):
@@ -147,7 +168,12 @@ def run_sweep(
                 search_alg=_searcher(space, METRIC),
                 max_concurrent_trials=n,
             ),
-            run_config=tune.RunConfig(name=options.name, storage_path=os.path.dirname(path)),
+            run_config=tune.RunConfig(
+                name=options.name,
+                storage_path=storage.absolute(options.storage_path),
+                verbose=1 if options.verbose else 0,
+                callbacks=[EpochLines(log)],
+            ),
         )
     results = tuner.fit()
     return summarise(results, list(space.params), cfg.train.epochs, path, log=log)
