@@ -9,31 +9,33 @@ from __future__ import annotations
 import csv
 import io
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
-from hrem_ray.fileio import write_atomic, write_text_atomic
+from hrem_ray import storage
 
 
-def write_history(history: list[dict[str, Any]], out_dir: str | Path) -> list[Path]:
-    """metrics.json, metrics.csv, curves.png and tensorboard/ under ``out_dir``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+def write_history(history: list[dict[str, Any]], out_dir: str) -> list[str]:
+    """metrics.json, metrics.csv, curves.png and tensorboard/ in ``out_dir``, a local folder
+    or a URI (written locally first, then each file put in place whole)."""
     keys = sorted({k for row in history for k in row}, key=lambda k: (k != "epoch", k))
     table = io.StringIO()
     writer = csv.DictWriter(table, fieldnames=keys)
     writer.writeheader()
     writer.writerows(history)
-    written = [
-        write_text_atomic(out / "metrics.json", json.dumps(history, indent=2)),
-        write_text_atomic(out / "metrics.csv", table.getvalue()),
-        _plot(history, out / "curves.png"),
-    ]
-    _tensorboard(history, out / "tensorboard")
-    return [*written, out / "tensorboard"]
+    with tempfile.TemporaryDirectory(prefix="hrem-history-") as tmp:
+        out = Path(tmp)
+        (out / "metrics.json").write_text(json.dumps(history, indent=2))
+        (out / "metrics.csv").write_text(table.getvalue())
+        _plot(history, out / "curves.png")
+        _tensorboard(history, out / "tensorboard")
+        storage.put_files(out, out_dir)
+    names = ["metrics.json", "metrics.csv", "curves.png", "tensorboard"]
+    return [storage.join(out_dir, name) for name in names]
 
 
-def _plot(history: list[dict[str, Any]], path: Path) -> Path:
+def _plot(history: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -46,9 +48,8 @@ def _plot(history: list[dict[str, Any]], path: Path) -> Path:
     ax_rsum.plot(epochs, [row.get("rsum", float("nan")) for row in history], "o-", color="C1")
     ax_rsum.set(xlabel="epoch", ylabel="rsum", title="dev rsum")
     fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    fig.savefig(path, format="png", dpi=100)
     plt.close(fig)
-    return path
 
 
 def _tensorboard(history: list[dict[str, Any]], path: Path) -> None:

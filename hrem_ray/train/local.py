@@ -68,6 +68,6 @@ def train_local(
         evaluate=dev_evaluator(trainee, device), report=report, state=trainee.state,
         device=device, generator=trainee.generator, log=log,
     )  # fmt: skip
-    write_history(state.history, run_dir)
+    write_history(state.history, str(run_dir))
     log(f"best dev rsum {state.best_rsum:.2f} at epoch {state.best_epoch + 1}")
     return run_dir / "best"

@@ -168,7 +168,7 @@ def train_ray(
     if best is None:
         raise RuntimeError(f"run {path} finished without a checkpoint")
     log(f"best dev {METRIC} {metrics[METRIC]:.2f} at epoch {int(metrics['epoch']) + 1}")
-    latest = storage.join(path, os.path.basename(result.checkpoint.path))
+    latest = storage.fetch_dir(storage.join(path, os.path.basename(result.checkpoint.path)))
     write_history(load_train_state(latest)["state"]["history"], path)
     return copy_checkpoint(storage.join(path, os.path.basename(best.path)),
                            storage.join(path, "best"))  # fmt: skip

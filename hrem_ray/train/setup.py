@@ -31,7 +31,9 @@ class RunExistsError(FileExistsError):
 
 
 def check_new_run(path: str, resume: bool, what: str = "run") -> None:
-    """Refuse to reuse a non-empty run folder (local or in object storage) without resume."""
+    """Refuse to reuse a non-empty run folder (local or in object storage) without resume;
+    an unreachable object store or a missing bucket fails here, before any work."""
+    storage.check_access(path)
     if not resume and storage.is_dir(path) and storage.list_dir(path):
         raise RunExistsError(f"{path} already holds a {what}: pass --resume or use a new --name")
 

@@ -12,6 +12,7 @@ import io
 import json
 import math
 import os
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,6 @@ from hrem_ray.checkpoint import (
     read_record,
 )
 from hrem_ray.config import HREMConfig
-from hrem_ray.fileio import write_atomic, write_text_atomic
 from hrem_ray.train.ray_train import METRIC, RayRunOptions, build_trainer
 from hrem_ray.train.setup import check_data, check_new_run, resolve_config, run_path
 from hrem_ray.tune.space import SearchSpace
@@ -142,7 +142,7 @@ def run_sweep(
     cfg = resolve_config(cfg)
     check_data(cfg, options.num_workers)
     trial_options = {
-        "storage_path": os.path.join(path, "trials"),
+        "storage_path": storage.join(path, "trials"),
         "num_workers": options.num_workers,
         "use_gpu": options.use_gpu,
         "cpus_per_worker": options.cpus_per_worker,
@@ -183,16 +183,18 @@ def summarise(
     results, params: list[str], epochs: int, path: str, *, log: Callable[[str], None] = print
 ) -> dict[str, Any]:
     """Trial table (JSON + CSV), plot, and the best trial's best checkpoint in ``path/best``."""
-    runs = os.path.join(path, "trials")  # each trial's Ray Train run: runs/<trial id>
+    runs = storage.join(path, "trials")  # each trial's Ray Train run: runs/<trial id>
     rows = sorted((_trial_row(r, params, epochs, runs) for r in results), key=lambda r: r["trial"])
     done = [r for r in rows if r["best_rsum"] is not None and r["checkpoint"]]
     if not done:
         raise RuntimeError(f"sweep {path}: no trial reported a checkpoint")
     best = max(done, key=lambda r: r["best_rsum"])
-    best_path = copy_checkpoint(best["checkpoint"], os.path.join(path, "best"))
-    write_text_atomic(os.path.join(path, "trials.json"), json.dumps(rows, indent=2))
-    write_text_atomic(os.path.join(path, "trials.csv"), _csv(rows))
-    _plot(rows, params, os.path.join(path, "sweep.png"))
+    best_path = copy_checkpoint(best["checkpoint"], storage.join(path, "best"))
+    storage.write_text(storage.join(path, "trials.json"), json.dumps(rows, indent=2))
+    storage.write_text(storage.join(path, "trials.csv"), _csv(rows))
+    with tempfile.TemporaryDirectory(prefix="hrem-sweep-") as tmp:
+        _plot(rows, params, os.path.join(tmp, "sweep.png"))
+        storage.put_files(tmp, path)
     log(format_summary(rows, params))
     log(f"best trial {best['trial']}: dev rsum {best['best_rsum']:.2f}")
     return {"best": str(best_path), "best_trial": best, "trials": rows}
@@ -207,7 +209,6 @@ def _trial_row(result, params: list[str], epochs: int, runs: str | None = None) 
     all. Checkpoints are taken from the run's folder where it is local: only those Ray kept
     (the best by dev rsum, and the latest) still exist.
     """
-    runs = runs if runs is not None and "://" not in runs else None  # local folders only
     trial = (result.metrics or {}).get("trial_id") or _trial_id(result.path, runs)
     per_epoch: dict[int, tuple[float, str | None]] = {}  # epoch -> (rsum, checkpoint)
     frame = result.metrics_dataframe
@@ -215,7 +216,7 @@ def _trial_row(result, params: list[str], epochs: int, runs: str | None = None) 
         for _, row in frame.dropna(subset=[METRIC]).iterrows():
             per_epoch[int(row["epoch"])] = (float(row[METRIC]), row.get(CHECKPOINT_PATH))
     if runs is not None:
-        kept = _kept_checkpoints(os.path.join(runs, trial))
+        kept = _kept_checkpoints(storage.join(runs, trial))
         # restarted by a resume: Tune has the epochs since the restart (or none, when the
         # run had trained its last epoch before the interruption)
         if kept and not set(range(max(kept) + 1)) <= set(per_epoch):
@@ -247,8 +248,8 @@ def _trial_id(path: str, runs: str | None) -> str:
     """A trial's id from its Tune folder's name (``_run_trial_<id>_<index>_<params>_<date>``),
     for a trial that reported nothing since a resume restarted it."""
     name = Path(path).name
-    if runs is not None and os.path.isdir(runs):
-        ids = [t for t in os.listdir(runs) if f"_{t}_" in name]
+    if runs is not None and storage.is_dir(runs):
+        ids = [t for t in storage.list_dir(runs) if f"_{t}_" in name]
         if len(ids) == 1:
             return ids[0]
     return name
@@ -257,11 +258,12 @@ def _trial_id(path: str, runs: str | None) -> str:
 def _kept_checkpoints(run: str) -> dict[int, str]:
     """The checkpoints a trial's Ray Train run kept: epoch -> folder."""
     kept: dict[int, str] = {}
-    for folder in Path(run).glob("checkpoint_*"):
-        if not folder.is_dir():
+    for name in storage.list_dir(run):
+        if not name.startswith("checkpoint_"):
             continue
+        folder = storage.join(run, name)
         try:
-            kept[int(read_record(folder)["meta"]["epoch"])] = str(folder)
+            kept[int(read_record(folder)["meta"]["epoch"])] = folder
         except (CheckpointError, KeyError, TypeError, ValueError):
             continue  # not one of ours
     return kept
@@ -270,7 +272,7 @@ def _kept_checkpoints(run: str) -> dict[int, str]:
 def _run_history(checkpoint: str) -> list[dict[str, Any]]:
     """The per-epoch history saved with a run's latest checkpoint (next to the optimizer
     state), every epoch of the run whatever restarts it went through."""
-    state = load_train_state(checkpoint) or {}
+    state = load_train_state(storage.fetch_dir(checkpoint, "checkpoint")) or {}
     return list(state.get("state", {}).get("history", []))
 
 
@@ -317,5 +319,5 @@ def _plot(rows: list[dict[str, Any]], params: list[str], path: str) -> None:
     if len(scored) <= 12:
         axes[-1].legend(fontsize=7, title="trial", title_fontsize=7)
     fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
+    fig.savefig(path, format="png", dpi=90)
     plt.close(fig)
