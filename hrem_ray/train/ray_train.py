@@ -170,5 +170,6 @@ def train_ray(
     log(f"best dev {METRIC} {metrics[METRIC]:.2f} at epoch {int(metrics['epoch']) + 1}")
     latest = storage.fetch_dir(storage.join(path, os.path.basename(result.checkpoint.path)))
     write_history(load_train_state(latest)["state"]["history"], path)
-    return copy_checkpoint(storage.join(path, os.path.basename(best.path)),
-                           storage.join(path, "best"))  # fmt: skip
+    best_copy = copy_checkpoint(storage.join(path, os.path.basename(best.path)),
+                                storage.join(path, "best"))  # fmt: skip
+    return str(best_copy)
