@@ -8,14 +8,15 @@
                           tensors and plain containers only, read with weights_only=True
 
 A folder (rather than one file) is what Ray Train checkpoints are, so a checkpoint
-reported to Ray is exactly what ``hrem-ray eval`` and Ray Serve load.
+reported to Ray is exactly what ``hrem-ray eval`` and Ray Serve load. Every function takes a
+local path or a URI (``s3://...``): a remote checkpoint is read from this node's cache and
+written with a completeness marker (``hrem_ray.storage``, docs/storage.md).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import json
-import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,10 +26,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from hrem_ray import __version__
+from hrem_ray import __version__, storage
 from hrem_ray.backbone import copy_backbone_files
 from hrem_ray.config import HREMConfig
-from hrem_ray.fileio import write_dir_atomic
 from hrem_ray.model import HREM, build_model
 
 FORMAT = "hrem-ray-checkpoint"
@@ -80,11 +80,12 @@ def save_checkpoint(
     *,
     meta: dict[str, Any] | None = None,
     train_state: dict[str, Any] | None = None,
-) -> Path:
+) -> Path | str:
     """Write a checkpoint folder; readers never see a half-written one.
 
-    Everything goes to a temporary sibling folder that is renamed into place at the end;
-    an existing checkpoint at ``path`` is replaced only once the new one is complete.
+    Everything goes to a temporary folder that is renamed into place (or, for a URI,
+    uploaded with its marker last) at the end; an existing checkpoint at ``path`` is
+    replaced only once the new one is complete.
     """
 
     def fill(tmp: Path) -> None:
@@ -103,43 +104,49 @@ def save_checkpoint(
         if train_state is not None:
             torch.save(train_state, tmp / TRAIN_STATE)
 
-    return write_dir_atomic(path, fill)
+    return storage.write_dir(path, fill)
 
 
-def copy_checkpoint(src: str | Path, dst: str | Path) -> Path:
-    """Copy a checkpoint folder to ``dst`` (e.g. a sweep's ``best/``), atomically."""
+def copy_checkpoint(src: str | Path, dst: str | Path) -> Path | str:
+    """Copy a checkpoint folder to ``dst`` (e.g. a sweep's ``best/``), atomically; either
+    may be a URI."""
     read_record(src)
-    return write_dir_atomic(dst, lambda tmp: shutil.copytree(src, tmp, dirs_exist_ok=True))
+    return storage.copy_dir(src, dst)
 
 
 def read_record(path: str | Path) -> dict[str, Any]:
     """The checkpoint's config.json, after checking that the folder is a complete checkpoint."""
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint not found: {path} (expected a folder)")
+    return _record(storage.fetch_dir(path, "checkpoint"), str(path))
+
+
+def _record(local: Path, shown: str) -> dict[str, Any]:
+    """``read_record`` of the local folder ``local``, naming it ``shown`` (its URI) in errors."""
+    if not local.is_dir():
+        raise CheckpointError(f"checkpoint not found: {shown} (expected a folder)")
     for name in (META, WEIGHTS, f"{BACKBONE}/config.json", f"{BACKBONE}/vocab.txt"):
-        if not (path / name).is_file():
-            raise CheckpointError(f"checkpoint {path} is incomplete: missing {name}")
+        if not (local / name).is_file():
+            raise CheckpointError(f"checkpoint {shown} is incomplete: missing {name}")
     try:
-        record = json.loads((path / META).read_text())
+        record = json.loads((local / META).read_text())
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path / META}: not valid JSON ({e})") from None
+        raise CheckpointError(f"{shown}/{META}: not valid JSON ({e})") from None
     if record.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not an {FORMAT} (format={record.get('format')!r})")
+        raise CheckpointError(f"{shown} is not an {FORMAT} (format={record.get('format')!r})")
     if record.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(
-            f"{path} has format version {record['format_version']}; "
+            f"{shown} has format version {record['format_version']}; "
             f"this hrem-ray reads up to {FORMAT_VERSION}: upgrade hrem-ray"
         )
     return record
 
 
 def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu") -> Checkpoint:
-    """Rebuild the model from a checkpoint folder, in eval mode, on ``device``."""
-    path = Path(path)
-    record = read_record(path)
+    """Rebuild the model from a checkpoint folder, in eval mode, on ``device``; the returned
+    ``Checkpoint.path`` is the local folder (this node's cached copy for a URI)."""
+    shown, path = str(path), storage.fetch_dir(path, "checkpoint")
+    record = _record(path, shown)
     if not isinstance(record.get("config"), dict):
-        raise CheckpointError(f"{path / META} has no 'config' section")
+        raise CheckpointError(f"{shown}/{META} has no 'config' section")
     config = HREMConfig.from_dict(record["config"])
     config.model.bert_path = str(path / BACKBONE)
     model = build_model(config.model, pretrained=False)
@@ -148,10 +155,10 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu") -> 
         missing, unexpected = model.load_state_dict(state, strict=False)
     except (SafetensorError, RuntimeError) as e:
         msg = str(e).strip().splitlines()[-1].strip()
-        raise CheckpointError(f"{path / WEIGHTS}: unreadable or wrong shapes ({msg})") from None
+        raise CheckpointError(f"{shown}/{WEIGHTS}: unreadable or wrong shapes ({msg})") from None
     if missing or unexpected:
         raise CheckpointError(
-            f"{path / WEIGHTS} does not match the model its config describes: "
+            f"{shown}/{WEIGHTS} does not match the model its config describes: "
             f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
         )
     return Checkpoint(model.to(device).eval(), config, record.get("meta", {}), path)
@@ -159,13 +166,14 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu") -> 
 
 def load_weights(path: str | Path, model: HREM) -> None:
     """Load a checkpoint's weights into an existing model (resume), strictly."""
-    read_record(path)
-    model.load_state_dict(load_file(str(Path(path) / WEIGHTS), device="cpu"))
+    local = storage.fetch_dir(path, "checkpoint")
+    _record(local, str(path))
+    model.load_state_dict(load_file(str(local / WEIGHTS), device="cpu"))
 
 
 def load_train_state(path: str | Path) -> dict[str, Any] | None:
     """Optimizer/schedule/RNG state for resuming, or None when the checkpoint has none."""
-    file = Path(path) / TRAIN_STATE
+    file = storage.fetch_dir(path, "checkpoint") / TRAIN_STATE
     if not file.is_file():
         return None
     return torch.load(file, map_location="cpu", weights_only=True)

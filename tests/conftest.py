@@ -12,6 +12,8 @@ import torch  # noqa: E402
 
 from hrem_ray.backbone import write_tiny_bert  # noqa: E402
 from hrem_ray.config import ModelConfig  # noqa: E402
+from hrem_ray.ray_runtime import free_port  # noqa: E402
+from tests.helpers import start_moto, stop_group  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -35,3 +37,34 @@ def small_cfg(tiny_bert) -> ModelConfig:
         dropout=0.0,
         warmup=0,
     )
+
+
+S3_BUCKET = "hrem-test"
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server with bucket ``S3_BUCKET``, reached through the standard AWS
+    environment (restored afterwards); yields its endpoint URL."""
+    import boto3
+
+    port = free_port()
+    proc = start_moto(port)
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_REGION": "us-east-1",
+    }
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            for key, value in env.items():
+                mp.setenv(key, value)
+            for key in ("AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+                mp.delenv(key, raising=False)
+            boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=S3_BUCKET)
+            yield endpoint
+    finally:
+        stop_group(proc)

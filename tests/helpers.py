@@ -6,6 +6,12 @@ Import them as ``from tests.helpers import ...``; fixtures live in ``tests/conft
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import psutil
@@ -21,6 +27,8 @@ __all__ = [
     "free_port",
     "metric_samples",
     "run_err",
+    "start_moto",
+    "stop_group",
     "tiny_data_and_checkpoint",
 ]
 
@@ -77,3 +85,40 @@ def metric_samples(text: str) -> dict[tuple[str, tuple], float]:
         for s in family.samples:
             out[(s.name, tuple(sorted(s.labels.items())))] = s.value
     return out
+
+
+def start_moto(port: int, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """A moto S3 server on 127.0.0.1:``port`` in its own process group, once it answers.
+
+    ``env`` adds to the environment, e.g. ``INITIAL_NO_AUTH_ACTION_COUNT=0`` to make it check
+    credentials. Stop it with ``stop_group``.
+    """
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/moto-api/", timeout=1).close()
+            return proc
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                stop_group(proc)
+                raise RuntimeError(f"moto server on port {port} did not start") from None
+            time.sleep(0.1)
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """Terminate the process group ``proc`` leads (started with ``start_new_session``)."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=10)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

@@ -164,7 +164,7 @@ def test_printed_commands_are_the_calls_that_run(tmp_path):
             assert getattr(args, key) == value, key
     demo.show("eval", checkpoint="/a b/ck", data_path=str(demo.data), dataset="f30k")
     args = _parse(lines[-1])
-    assert (args.checkpoint, args.data_path, args.split) == ("/a b/ck", str(demo.data), "test")
+    assert (args.checkpoint, args.data_path, args.split) == (["/a b/ck"], str(demo.data), "test")
 
 
 def test_the_demo_never_imports_the_cli():

@@ -11,6 +11,8 @@
 Embeddings (and IVF inverted lists) are memory-mapped when opened, so replicas on one node
 share the page cache instead of each holding a copy. Search is exact unless the gallery was
 built with IVF indexes, which trade a measured recall (``manifest["ivf"]``) for speed.
+A gallery may live at a URI (``s3://...``): it is written with a completeness marker and
+opened from this node's cache (``hrem_ray.storage``, docs/storage.md).
 """
 
 from __future__ import annotations
@@ -26,12 +28,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from hrem_ray import storage
 from hrem_ray.checkpoint import load_checkpoint
 from hrem_ray.data.precomp import CAPTIONS_PER_IMAGE, open_split
 from hrem_ray.data.tokenize import CaptionTokenizer
 from hrem_ray.embed import embed_split
 from hrem_ray.eval.encode import check_batch_size
-from hrem_ray.fileio import write_dir_atomic
 from hrem_ray.index.ivf import (
     DEFAULT_NPROBE,
     RECALL_K,
@@ -68,12 +70,14 @@ def build_gallery(
     ivf: int = 0,
     nprobe: int = DEFAULT_NPROBE,
     progress: Callable[[str], None] | None = None,
-) -> Path:
-    """Encode every image and caption of a precomp split with a checkpoint; write ``out``.
+) -> Path | str:
+    """Encode every image and caption of a precomp split with a checkpoint; write ``out``
+    (a folder or a URI).
 
     ``ivf`` > 0 also trains IVF indexes with that many lists (see ``write_gallery``).
     """
     check_batch_size(batch_size)  # before minutes of loading, not as a range() error
+    storage.check_access(out)
     data = open_split(data_path, dataset, split)
     _check_options(dtype, ivf, nprobe, data.n_images)  # before minutes of encoding
     ck = load_checkpoint(checkpoint, device=device)
@@ -81,7 +85,7 @@ def build_gallery(
     imgs, caps = embed_split(ck.model, data, tokenizer, batch_size=batch_size, device=device,
                              progress=progress)  # fmt: skip
     meta = {
-        "checkpoint": str(Path(checkpoint).resolve()),
+        "checkpoint": storage.absolute(checkpoint),
         "checkpoint_meta": ck.meta,
         "dataset": dataset,
         "split": split,
@@ -101,8 +105,9 @@ def write_gallery(
     ivf: int = 0,
     nprobe: int = DEFAULT_NPROBE,
     progress: Callable[[str], None] | None = None,
-) -> Path:
-    """Write a gallery folder atomically from L2-normalised embeddings (caption i of image i//5).
+) -> Path | str:
+    """Write a gallery folder (or URI) atomically from L2-normalised embeddings (caption i of
+    image i//5).
 
     With ``ivf`` = NLIST > 0, one IVFFlat index per side is trained on the stored (``dtype``)
     vectors (as float32 copies), so that ``nprobe`` = NLIST reproduces exact search; its
@@ -151,7 +156,7 @@ def write_gallery(
             index.write(tmp / name)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
 
-    return write_dir_atomic(out, fill)
+    return storage.write_dir(out, fill)
 
 
 def _check_options(dtype: str, ivf: int, nprobe: int, n_images: int) -> int:
@@ -220,22 +225,23 @@ class Gallery:
 
     @classmethod
     def open(cls, path: str | Path) -> Gallery:
-        path = Path(path)
-        _require(path, (MANIFEST, IMAGE_EMBS, CAPTION_EMBS, CAPTIONS))
+        """Open a gallery folder or URI; ``Gallery.path`` is the local (cached) folder."""
+        shown, path = str(path), storage.fetch_dir(path, "gallery")
+        _require(path, shown, (MANIFEST, IMAGE_EMBS, CAPTION_EMBS, CAPTIONS))
         try:
             manifest = json.loads((path / MANIFEST).read_text())
         except (ValueError, OSError) as e:  # UnicodeDecodeError and JSONDecodeError included
-            raise GalleryError(f"gallery {path}: unreadable {MANIFEST} ({e})") from None
+            raise GalleryError(f"gallery {shown}: unreadable {MANIFEST} ({e})") from None
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            raise GalleryError(f"{path} is not an {FORMAT}")
+            raise GalleryError(f"{shown} is not an {FORMAT}")
         if "ivf" in manifest:
-            _require(path, (IMAGE_IVF, CAPTION_IVF))
+            _require(path, shown, (IMAGE_IVF, CAPTION_IVF))
         try:  # a truncated or foreign .npy / parquet file fails here, not in a query
             imgs = np.load(path / IMAGE_EMBS, mmap_mode="r", allow_pickle=False)
             caps = np.load(path / CAPTION_EMBS, mmap_mode="r", allow_pickle=False)
             texts = pq.read_table(path / CAPTIONS, columns=["text"])["text"].to_pylist()
         except (ValueError, OSError, KeyError, pa.ArrowException) as e:
-            raise GalleryError(f"gallery {path}: unreadable files ({_one_line(e)})") from None
+            raise GalleryError(f"gallery {shown}: unreadable files ({_one_line(e)})") from None
         expected = {
             "n_images": imgs.shape[0] if imgs.ndim == 2 else None,
             "n_captions": caps.shape[0] if caps.ndim == 2 else None,
@@ -253,13 +259,14 @@ class Gallery:
         ):
             claimed = {key: manifest.get(key) for key in expected}
             raise GalleryError(
-                f"gallery {path}: files disagree with its manifest (images {imgs.shape} "
+                f"gallery {shown}: files disagree with its manifest (images {imgs.shape} "
                 f"{imgs.dtype}, captions {caps.shape} {caps.dtype}, {len(texts)} texts; "
                 f"manifest {claimed}): rebuild it with hrem-ray index"
             )
         if "ivf" not in manifest:
             return cls(path, manifest, imgs, caps, texts)
-        return cls(path, manifest, imgs, caps, texts, *_open_ivf(path, manifest["ivf"], imgs, caps))
+        ivfs = _open_ivf(path, shown, manifest["ivf"], imgs, caps)
+        return cls(path, manifest, imgs, caps, texts, *ivfs)
 
     @property
     def n_images(self) -> int:
@@ -282,14 +289,14 @@ class Gallery:
         return search(queries, self.caption_embs, self.caption_ivf, k)
 
 
-def _require(path: Path, names: tuple[str, ...]) -> None:
+def _require(path: Path, shown: str, names: tuple[str, ...]) -> None:
     for name in names:
         if not (path / name).is_file():
-            raise GalleryError(f"gallery {path} is incomplete: missing {name}")
+            raise GalleryError(f"gallery {shown} is incomplete: missing {name}")
 
 
 def _open_ivf(
-    path: Path, ivf: Any, imgs: np.ndarray, caps: np.ndarray
+    path: Path, shown: str, ivf: Any, imgs: np.ndarray, caps: np.ndarray
 ) -> tuple[IvfIndex, IvfIndex]:
     """The two IVF indexes, checked against the embeddings and ``manifest["ivf"]``."""
     try:  # ValueError: faiss missing or a bad nlist/nprobe; RuntimeError: faiss's own errors
@@ -297,11 +304,11 @@ def _open_ivf(
         indexes = [IvfIndex.read(path / name, nprobe) for name in (IMAGE_IVF, CAPTION_IVF)]
         found = [(x.index.ntotal, x.index.d, x.index.nlist) for x in indexes]
     except (ValueError, RuntimeError, KeyError, TypeError, AttributeError) as e:
-        raise GalleryError(f"gallery {path}: unusable IVF index ({_one_line(e)})") from None
+        raise GalleryError(f"gallery {shown}: unusable IVF index ({_one_line(e)})") from None
     want = [(len(embs), embs.shape[1], ivf["nlist"]) for embs in (imgs, caps)]
     if found != want:
         raise GalleryError(
-            f"gallery {path}: IVF indexes (size, dim, nlist) {found} disagree with its "
+            f"gallery {shown}: IVF indexes (size, dim, nlist) {found} disagree with its "
             f"embeddings and manifest {want}: rebuild it with hrem-ray index"
         )
     return indexes[0], indexes[1]
