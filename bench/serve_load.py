@@ -14,13 +14,16 @@ persistent HTTP connection each, bounded by time and by request count. Settings:
   query per call (concurrency 1) and 32 queries per call; their QPS ratio is what batching can
   give at most with this model on this CPU, the ceiling for Serve's batching speed-up;
 * Serve's floor on this machine: two echo apps with no model, a FastAPI ingress answering
-  alone and a FastAPI ingress calling one deployment (this app's shape), at concurrency 1. The
-  latency they add is what any app pays on this machine before doing any work;
+  alone (one hop: this app's shape, docs/serving.md) and a FastAPI ingress calling one
+  deployment (two hops), at concurrency 1. The latency they add is what any app pays on this
+  machine before doing any work;
 * Serve with batching on (``max_batch_size`` 32) and off (1, redeployed through
   ``Retriever.options(user_config=...)`` and a second ``serve.run``), one replica, at
   concurrency 1, 8 and 32;
 * at concurrency 1 in each mode, the Retriever called through a Serve handle from this process
   (no HTTP proxy, no ingress), which splits Serve's overhead into its two hops;
+* ``/embed/image`` with one 100-region image as JSON numbers and as an ``.npy`` body
+  (bytes and latency), at concurrency 1;
 * one autoscaling phase (``max_replicas`` 2, concurrency 32): ``serve.status()`` replica counts
   during the load and after it, with a bounded wait for the downscale.
 
@@ -80,9 +83,10 @@ def _worker(
     start: threading.Barrier,
     state: dict[str, Any],
     lock: threading.Lock,
+    content_type: str,
 ) -> None:
     conn = http.client.HTTPConnection(host, port, timeout=60)
-    headers = {"content-type": "application/json"}
+    headers = {"content-type": content_type}
     i = offset
     start.wait()
     while True:
@@ -121,6 +125,7 @@ def run_load(
     max_requests: int,
     stop: Any,
     path: str = "/search/text",
+    content_type: str = "application/json",
 ) -> dict[str, Any]:
     """Closed loop: ``concurrency`` threads, each one request at a time on its own connection.
     Counted: the requests that complete in the window from WARMUP_S after the start to the end
@@ -141,7 +146,8 @@ def run_load(
     cpu0 = _cpu_s()
     threads = [
         threading.Thread(
-            target=_worker, args=(host, port, path, bodies, i * 7, barrier, state, lock)
+            target=_worker,
+            args=(host, port, path, bodies, i * 7, barrier, state, lock, content_type),
         )
         for i in range(concurrency)
     ]
@@ -293,6 +299,19 @@ def floor_apps() -> dict[str, Any]:
     }
 
 
+def feature_bodies(img_dim: int) -> list[tuple[str, str, bytes]]:
+    """A 100-region image as the JSON body and as the application/x-npy body of /embed/image."""
+    import io
+
+    import numpy as np
+
+    feats = np.random.default_rng(0).uniform(0, 4, (100, img_dim)).astype(np.float32)
+    npy = io.BytesIO()
+    np.save(npy, feats)
+    as_json = json.dumps({"features": feats.tolist()}).encode()
+    return [("JSON", "application/json", as_json), ("npy", "application/x-npy", npy.getvalue())]
+
+
 def batch_counters(base: str) -> tuple[float, float]:
     """(sum, count) of the ingress's hrem_text_batch_size histogram."""
     import urllib.request
@@ -340,14 +359,13 @@ def deploy(ckpt: Path, gallery: Path, max_batch: int, max_replicas: int) -> None
     replicas restart; ``Deployment.options(version=...)`` is gone)."""
     from ray import serve
 
-    from hrem_ray.serving.app import AUTOSCALING, Ingress, Retriever
+    from hrem_ray.serving.app import AUTOSCALING, Retriever
 
     autoscaling = {**AUTOSCALING, "max_replicas": max_replicas}
-    retriever = Retriever.options(
+    app = Retriever.options(
         autoscaling_config=autoscaling, user_config={"max_batch_size": max_batch}
     ).bind(str(ckpt.resolve()), str(gallery.resolve()))
-    ingress = Ingress.bind(retriever, None)
-    serve.run(ingress, name="hrem", route_prefix="/")
+    serve.run(app, name="hrem", route_prefix="/")
 
 
 def autoscale_phase(a, c, base, load, stop, rows, log) -> dict[str, Any]:
@@ -482,12 +500,17 @@ def main(argv: list[str] | None = None) -> int:
     base = f"http://127.0.0.1:{port}"
 
     def load(
-        c: int, duration: float, max_requests: int | None = None, path: str = "/search/text"
+        c: int,
+        duration: float,
+        max_requests: int | None = None,
+        path: str = "/search/text",
+        payloads: list[bytes] | None = None,
+        content_type: str = "application/json",
     ) -> dict[str, Any]:
         limit = max_requests or a.max_requests
         parent.send(
-            dict(host="127.0.0.1", port=port, bodies=bodies, concurrency=c, duration_s=duration,
-                 max_requests=limit, path=path)
+            dict(host="127.0.0.1", port=port, bodies=payloads or bodies, concurrency=c,
+                 duration_s=duration, max_requests=limit, path=path, content_type=content_type)
         )  # fmt: skip
         return parent.recv()
 
@@ -507,6 +530,7 @@ def main(argv: list[str] | None = None) -> int:
             results[name] = r = in_process(service, queries, a.duration, batch)
             rows.append(fmt_row(name, 1, r, str(batch)))
             log(rows[-1])
+        img_dim = service.img_dim
         del service
 
         for name, floor_app in floor_apps().items():
@@ -531,6 +555,14 @@ def main(argv: list[str] | None = None) -> int:
                 log(rows[-1])
             results[f"{mode}/handle"] = r = through_handle(queries, a.duration)
             rows.append(fmt_row(f"Serve handle, no HTTP (batching {mode})", 1, r, "-"))
+            log(rows[-1])
+
+        # The same 100-region image as JSON numbers and as an .npy body (docs/serving.md).
+        for encoding, content_type, payload in feature_bodies(img_dim):
+            r = load(1, a.duration, path="/embed/image", payloads=[payload],
+                     content_type=content_type)  # fmt: skip
+            results[f"features/{encoding}"] = {**r, "bytes": len(payload)}
+            rows.append(fmt_row(f"/embed/image, {encoding} ({len(payload)} B)", 1, r, "-"))
             log(rows[-1])
 
         scale: dict[str, Any] = {}
@@ -571,14 +603,14 @@ def main(argv: list[str] | None = None) -> int:
     floor = {k.removeprefix("floor/"): r["p50_ms"] for k, r in results.items() if "floor/" in k}
     print(f"Serve's floor at concurrency 1 on this machine (echo apps, no model, p50): "
           f"{floor['ingress alone']:.1f} ms for an ingress alone, "
-          f"{floor['ingress + 1 deployment']:.1f} ms for an ingress calling one deployment "
-          f"(this app's shape)")  # fmt: skip
+          f"{floor['ingress + 1 deployment']:.1f} ms for an ingress calling one deployment; "
+          f"this app is the first shape (one hop)")  # fmt: skip
     for mode in ("on", "off"):
         if f"{mode}/1" in results:
             r = results[f"{mode}/1"]
             over50, over99 = r["p50_ms"] - base1["p50_ms"], r["p99_ms"] - base1["p99_ms"]
             ok = over50 <= 5.0
-            over_floor = over50 - floor["ingress + 1 deployment"]
+            over_floor = over50 - floor["ingress alone"]  # this app's shape: one hop
             h = results.get(f"{mode}/handle")
             split = (
                 f"; the handle call alone adds {h['p50_ms'] - base1['p50_ms']:+.1f} ms p50, "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from hrem_ray.cli import main
 from hrem_ray.data.precomp import open_split
 from hrem_ray.data.tokenize import CaptionTokenizer
 from hrem_ray.embed import embed_captions, embed_features
-from hrem_ray.serving.api import MAX_BODY_BYTES, PAGE, LocalBackend, build_app
+from hrem_ray.serving.api import NPY, PAGE, LocalBackend, body_limits, build_app
 from hrem_ray.serving.service import MAX_K, MAX_QUERY_CHARS, MAX_REGIONS, RetrievalService
 from tests.helpers import metric_samples, tiny_data_and_checkpoint
 
@@ -30,6 +31,8 @@ N_IMAGES, N_CAPTIONS, IMG_DIM, DIM = 10, 50, 24, 32
 API_KEY = "s3cret-key"
 POSTS = ["/search/text", "/search/image", "/embed/text", "/embed/image"]
 JSON = {"content-type": "application/json"}
+JSON_LIMIT = body_limits(IMG_DIM)["json"]
+NPY_LIMIT = body_limits(IMG_DIM)[NPY]
 
 
 @pytest.fixture(scope="module")
@@ -193,13 +196,16 @@ def test_healthz_readyz_page_openapi(world, client):
     assert client.get("/healthz").json() == {"status": "ok"}
     r = client.get("/readyz")
     assert r.status_code == 200
-    assert r.json() == {
+    body = r.json()
+    assert {k: v for k, v in body.items() if not k.endswith("_id")} == {
         "status": "ready",
-        "checkpoint": str(world["ckpt"]),
-        "gallery": str(world["gallery"]),
         "n_images": N_IMAGES,
         "n_captions": N_CAPTIONS,
+        "img_dim": IMG_DIM,
+        "embed_dim": DIM,
     }
+    assert len(body["model_id"]) == len(body["gallery_id"]) == 16
+    assert "/" not in r.text  # no filesystem path or URI
     r = client.get("/")
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("text/html")
@@ -227,7 +233,7 @@ QUERY_ERRORS = [
     ({}, "query"),
     ({"query": "a", "extra": 1}, "extra"),
 ]
-K_ERRORS = [0, -1, MAX_K + 1, 10**30, "3", 2.5, 2.0, True, False, None, [3]]
+K_ERRORS = [0, -1, MAX_K + 1, 10**30, "3", 2.5, 1e300, True, False, None, [3]]
 
 
 @pytest.mark.parametrize("path", ["/search/text", "/embed/text"])
@@ -242,6 +248,11 @@ def test_bad_k(client, k):
     assert_error(client.post("/search/image", json={"image_id": 1, "k": k}), 422, "k")
 
 
+def test_integral_numbers_are_integers_as_in_json_schema(client):
+    by_int = client.post("/search/image", json={"image_id": 2, "k": 3}).json()
+    assert client.post("/search/image", json={"image_id": 2.0, "k": 3.0}).json() == by_int
+
+
 def test_bad_k_in_the_service_too(service):
     """The Ray replicas get k straight from the ingress: the service checks it itself."""
     from hrem_ray.serving.service import RequestError
@@ -254,24 +265,28 @@ def test_bad_k_in_the_service_too(service):
 
 
 FEATURE_ERRORS = [
-    ([[0.0] * (IMG_DIM - 1)], "shape"),
-    ([[0.0] * (IMG_DIM + 1)], "shape"),
-    ([], "shape"),
-    ([[]], "shape"),
-    ([ROW] * (MAX_REGIONS + 1), "shape"),
-    ([ROW, ROW[:-1]], "equal length"),  # ragged
-    ([ROW, []], "equal length"),
+    ([[0.0] * (IMG_DIM - 1)], "features"),
+    ([[0.0] * (IMG_DIM + 1)], "features"),
+    ([], "features"),
+    ([[]], "features"),
+    ([ROW] * (MAX_REGIONS + 1), "features"),
+    ([ROW, ROW[:-1]], "features"),  # ragged
+    ([ROW, []], "features"),
     ([[ROW]], "features"),  # 3-d
     (ROW, "features"),  # 1-d
     ([["0.5"] * IMG_DIM], "features"),
     ([[True] * IMG_DIM], "features"),
     ([[None] * IMG_DIM], "features"),
-    ([[1e39] + ROW[1:]], "non-finite"),  # finite in JSON, inf as float32
-    ([[1e20] * IMG_DIM], "too large"),  # finite float32, but the model overflows
-    ([[-3e38] * IMG_DIM, ROW], "too large"),
+    ([[1e39] + ROW[1:]], "less than or equal"),  # finite in JSON, inf as float32
+    ([[1e20] * IMG_DIM], "less than or equal"),  # finite float32, but the model overflows
+    ([[-3e38] * IMG_DIM, ROW], "greater than or equal"),
     # found by the fuzz test: the model's output is finite, but its squared norm overflows in
     # the final L2 normalisation and the "embedding" is a zero vector
-    ([[0.0] * (IMG_DIM - 1) + [1.6756583595585307e19]], "too large"),
+    ([[0.0] * (IMG_DIM - 1) + [1.6756583595585307e19]], "less than or equal"),
+    ({"shape": [1, IMG_DIM], "base64": "AAAA"}, "bytes"),
+    ({"shape": [1, IMG_DIM + 1], "base64": ""}, "features"),
+    ({"shape": [0, IMG_DIM], "base64": ""}, "features"),
+    ({"shape": [1, IMG_DIM], "base64": "not base64!"}, "features"),
     ("abc", "features"),
     ({"a": 1}, "features"),
 ]
@@ -292,7 +307,7 @@ def test_non_finite_features(client, number):
     Python's parser; either way the features are refused."""
     raw = json.dumps({"features": [ROW, ROW]}).replace("0.5", number, 1).encode()
     for path in ("/search/image", "/embed/image"):
-        assert_error(client.post(path, content=raw, headers=JSON), 422, "non-finite")
+        assert_error(client.post(path, content=raw, headers=JSON), 422, "features")
 
 
 @pytest.mark.parametrize("number", NON_FINITE)
@@ -329,16 +344,16 @@ def test_not_json_content_type(client):
     r = client.post(
         "/search/text", content=b'{"query": "a"}', headers={"content-type": "text/plain"}
     )
-    assert_error(r, 422)
+    assert_error(r, 415, "application/json")
 
 
-@pytest.mark.parametrize("image_id", [N_IMAGES, N_IMAGES + 5, -1, 10**20])
+@pytest.mark.parametrize("image_id", [N_IMAGES, N_IMAGES + 5, 10**20])
 def test_unknown_image_id_is_404(client, image_id):
     msg = assert_error(client.post("/search/image", json={"image_id": image_id}), 404)
     assert msg == f"unknown image_id {image_id}"
 
 
-@pytest.mark.parametrize("image_id", [True, "3", 2.0, 1.5, [1], {"id": 1}])
+@pytest.mark.parametrize("image_id", [-1, True, "3", 1.5, [1], {"id": 1}])
 def test_image_id_of_the_wrong_type(client, image_id):
     assert_error(client.post("/search/image", json={"image_id": image_id}), 422, "image_id")
 
@@ -365,16 +380,17 @@ def test_extra_fields_are_refused(client, path):
 
 @pytest.mark.parametrize("path", POSTS)
 def test_body_too_large_is_413(client, path):
-    huge = str(MAX_BODY_BYTES + 1)
+    huge = str(JSON_LIMIT + 1)
     r = client.post(path, content=b'{"query": "a"}', headers={**JSON, "content-length": huge})
     assert_error(r, 413, "larger than")
-    r = client.post(path, content=b"x", headers={**JSON, "content-length": "12abc"})
-    assert_error(r, 413)
+    for bad in (b"12abc", "²".encode("latin-1"), b"-1", b"1e3"):  # "²".isdigit(), int("²") fails
+        r = client.post(path, content=b"x", headers={**JSON, "content-length": bad})
+        assert_error(r, 400, "Content-Length")
 
 
 def test_a_real_body_too_large_is_413(client):
     body = json.dumps({"features": [ROW] * 40_000}).encode()  # ~5 MB
-    assert len(body) > MAX_BODY_BYTES
+    assert len(body) > JSON_LIMIT
     assert_error(client.post("/embed/image", content=body, headers=JSON), 413, "larger than")
 
 
@@ -465,7 +481,7 @@ def test_metrics_count_requests_by_path_and_status(service):
 
 def test_an_unexpected_error_is_a_counted_json_500(service):
     class Broken(LocalBackend):
-        async def search_text(self, query, k):
+        async def call(self, op, **kwargs):
             raise RuntimeError("the replica fell over")
 
     with TestClient(build_app(Broken(service)), raise_server_exceptions=False) as c:
@@ -582,3 +598,211 @@ def test_fuzz_raw_bytes_never_5xx(client, raw):
 
 def test_page_file_is_shipped():
     assert Path(PAGE).is_file()
+
+
+# --------------------------------------------------------------------------------------------
+# binary features, body limits, HTTP conformance (docs/serving.md)
+# --------------------------------------------------------------------------------------------
+
+
+def b64_body(feats: np.ndarray) -> dict[str, Any]:
+    import base64
+
+    raw = np.ascontiguousarray(feats, dtype="<f4").tobytes()
+    return {"shape": list(feats.shape), "base64": base64.b64encode(raw).decode()}
+
+
+def npy_bytes(feats: np.ndarray) -> bytes:
+    import io
+
+    out = io.BytesIO()
+    np.save(out, np.asarray(feats, np.float32))
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("regions", [1, 6, MAX_REGIONS])
+def test_binary_features_equal_the_json_ones(world, client, regions):
+    feats = np.random.default_rng(regions).standard_normal((regions, IMG_DIM)).astype(np.float32)
+    want = client.post("/embed/image", json={"features": feats.tolist()}).json()["embedding"]
+    hits = client.post("/search/image", json={"features": feats.tolist(), "k": 6}).json()
+    r = client.post("/embed/image", json={"features": b64_body(feats)})
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(r.json()["embedding"], want, atol=1e-6)
+    np.testing.assert_allclose(want, offline_image(world, feats), atol=1e-5)
+    r = client.post("/embed/image", content=npy_bytes(feats), headers={"content-type": NPY})
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(r.json()["embedding"], want, atol=1e-6)
+    r = client.post("/search/image", json={"features": b64_body(feats), "k": 6})
+    assert r.json() == hits
+    r = client.post("/search/image?k=6", content=npy_bytes(feats), headers={"content-type": NPY})
+    assert r.json() == hits
+    assert len(client.post("/search/image", content=npy_bytes(feats),
+                           headers={"content-type": NPY}).json()["results"]) == 10  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b"not an npy file", "npy"),
+        (npy_bytes(np.zeros((2, IMG_DIM + 1))), "shape"),
+        (npy_bytes(np.zeros((0, IMG_DIM))), "shape"),
+        (npy_bytes(np.full((1, IMG_DIM), np.nan)), "non-finite"),
+        (npy_bytes(np.full((1, IMG_DIM), 1e7)), "too large"),
+    ],
+)
+def test_bad_npy_bodies(client, raw, message):
+    for path in ("/search/image", "/embed/image"):
+        assert_error(client.post(path, content=raw, headers={"content-type": NPY}), 422, message)
+    obj = np.array([{"a": 1}], dtype=object)
+    import io
+
+    pickled = io.BytesIO()
+    np.save(pickled, obj, allow_pickle=True)  # never unpickled by the service
+    r = client.post("/embed/image", content=pickled.getvalue(), headers={"content-type": NPY})
+    assert_error(r, 422, "npy")
+    assert_error(client.post("/search/image?k=0", content=npy_bytes(np.ones((1, IMG_DIM))),
+                             headers={"content-type": NPY}), 422, "k must be")  # fmt: skip
+
+
+def test_text_routes_take_no_npy(client):
+    r = client.post("/search/text", content=npy_bytes(np.ones((1, IMG_DIM))),
+                    headers={"content-type": NPY})  # fmt: skip
+    assert_error(r, 415, "application/json")
+
+
+def test_body_limits_are_exact_for_each_encoding(client):
+    """The largest legitimate body of each encoding is served, one byte more is a 413."""
+    feats = np.full((MAX_REGIONS, IMG_DIM), -2.2250738585072014e-308)
+    npy = npy_bytes(feats)
+    assert len(npy) == NPY_LIMIT
+    r = client.post("/embed/image", content=npy, headers={"content-type": NPY})
+    assert r.status_code == 200, r.text
+    r = client.post("/embed/image", content=npy + b" ", headers={"content-type": NPY})
+    assert_error(r, 413, str(NPY_LIMIT))
+    body = json.dumps({"features": feats.tolist()}).encode()
+    assert len(body) <= JSON_LIMIT < 1.02 * len(body)  # a tight limit
+    body = body[:-1] + b" " * (JSON_LIMIT - len(body)) + b"}"
+    assert len(body) == JSON_LIMIT
+    r = client.post("/embed/image", content=body, headers=JSON)
+    assert r.status_code == 200, r.text
+    assert_error(client.post("/embed/image", content=body + b" ", headers=JSON), 413)
+    # for a real model (100 x 2048) the binary encodings are a quarter of the JSON one
+    real = body_limits(2048)
+    assert real[NPY] == 128 + 4 * 100 * 2048 and real["json"] / real[NPY] > 4
+
+
+def test_wrong_method_has_allow_and_head_works(client):
+    r = client.get("/search/text")
+    assert_error(r, 405)
+    assert r.headers["allow"] == "POST"
+    r = client.delete("/readyz")
+    assert r.status_code == 405 and r.headers["allow"] == "GET"
+    for path in ("/healthz", "/readyz", "/", "/openapi.json"):
+        get, head = client.get(path), client.head(path)
+        assert head.status_code == 200 and head.content == b"", path
+        assert head.headers["content-type"] == get.headers["content-type"]
+        assert head.headers["content-length"] == get.headers["content-length"]
+
+
+def test_openapi_documents_every_status_and_the_error_schema(client):
+    spec = client.get("/openapi.json").json()
+    error = {"$ref": "#/components/schemas/Error"}
+    assert spec["components"]["schemas"]["Error"]["required"] == ["error"]
+    for path in POSTS:
+        responses = spec["paths"][path]["post"]["responses"]
+        want = {"200", "400", "408", "413", "415", "422", "500"} | (
+            {"404"} if path == "/search/image" else set()
+        )
+        assert set(responses) == want, path
+        for code in want - {"200"}:
+            assert responses[code]["content"]["application/json"]["schema"] == error
+    content = spec["paths"]["/search/image"]["post"]["requestBody"]["content"]
+    assert set(content) == {"application/json", NPY}
+    assert "401" not in spec["paths"]["/search/text"]["post"]["responses"]
+
+
+def test_schema_valid_requests_found_by_review_are_served(client):
+    """Each was schema-valid and refused before; now the schema refuses them, or they pass."""
+    spec = client.get("/openapi.json").json()
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import ValidationError as SchemaError
+
+    def valid(path: str, body: Any) -> bool:
+        schema = spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]
+        resolver_doc = {**schema["schema"], "components": spec["components"]}
+        try:
+            Draft202012Validator(resolver_doc).validate(body)
+        except SchemaError:
+            return False
+        return True
+
+    for path, body in [
+        ("/embed/image", {"features": [[]]}),
+        ("/search/image", {"features": [], "image_id": None, "k": 99}),
+        ("/search/text", {"query": "\u001f"}),
+        ("/search/image", {"image_id": -1}),
+        ("/search/image", {"features": [[1e20] * IMG_DIM]}),
+    ]:
+        assert not valid(path, body), (path, body)
+        assert_error(client.post(path, json=body), 422)
+    served = [
+        ("/search/text", {"query": "\u200b"}),
+        ("/search/image", {"features": [ROW], "image_id": None, "k": 99}),
+    ]
+    for path, body in served:
+        assert valid(path, body)
+        assert client.post(path, json=body).status_code == 200
+
+
+def test_api_key_must_be_visible_ascii(service):
+    for bad in ("clé", "with space", "", "tab\t"):
+        if bad:
+            with pytest.raises(ValueError, match="visible ASCII"):
+                build_app(LocalBackend(service), api_key=bad)
+    with TestClient(build_app(LocalBackend(service), api_key=API_KEY)) as c:
+        ok = {"x-api-key": API_KEY}
+        assert c.post("/embed/text", json={"query": "a"}, headers=ok).status_code == 200
+        r = c.post("/embed/text", json={"query": "a"}, headers={"x-api-key": "s3cret-kéy".encode()})
+        assert_error(r, 401)
+        spec = c.get("/openapi.json").json()
+        assert spec["components"]["securitySchemes"]["apiKey"]["name"] == "x-api-key"
+        assert "401" in spec["paths"]["/search/text"]["post"]["responses"]
+
+
+def test_gallery_gauge_is_set_before_any_request(service):
+    with TestClient(build_app(LocalBackend(service))) as c:
+        samples = metric_samples(c.get("/metrics").text)
+    assert samples[("hrem_gallery_images", ())] == N_IMAGES
+
+
+def test_a_stalled_body_is_a_408(service):
+    """A client that sends Content-Length and then stops: 408 after the read timeout."""
+    import asyncio
+
+    app = build_app(LocalBackend(service), body_timeout_s=0.2)
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        await asyncio.sleep(3600)  # the body never comes
+        return {}
+
+    async def send(event: dict) -> None:
+        sent.append(event)
+
+    scope = {"type": "http", "method": "POST", "path": "/embed/text", "raw_path": b"/embed/text",
+             "query_string": b"", "headers": [(b"content-type", b"application/json"),
+             (b"content-length", b"20")], "http_version": "1.1", "scheme": "http",
+             "server": ("t", 80), "client": ("c", 1), "root_path": ""}  # fmt: skip
+    start = time.perf_counter()
+    asyncio.run(asyncio.wait_for(app(scope, receive, send), 5))
+    assert time.perf_counter() - start < 2
+    assert sent[0]["status"] == 408
+    assert json.loads(sent[1]["body"])["error"].startswith("request body not received")
+
+
+def test_cli_refuses_a_non_ascii_key_before_starting_anything(capsys):
+    from tests.helpers import run_err
+
+    line = run_err(capsys, "serve", "--checkpoint", "nowhere", "--gallery", "nowhere",
+                   "--api-key", "clé")  # fmt: skip
+    assert "visible ASCII" in line

@@ -4,8 +4,8 @@ new checkpoint/gallery is swapped in under load without a failed request, and a 
 Retriever replica is replaced while a request stream keeps going.
 
 One ``ray.init(address="local", num_cpus=2)`` cluster of its own (dashboard on a free
-loopback port, for ``ray.util.state.list_actors``), one replica of each deployment
-(../shared/docs/ray-notes.md: a second replica adds nothing on 2 cores). ``serve.run`` again
+loopback port, for ``ray.util.state.list_actors``), one replica of the one deployment
+(docs/serving.md; a second replica adds nothing on 2 cores). ``serve.run`` again
 restarts the replicas (imperative deploys get a new code version); the swap loses no request
 only because the deployments surge (``max_surge_percent``): the old replicas serve until the
 new ones are ready.
@@ -34,9 +34,10 @@ from starlette.testclient import TestClient
 
 from hrem_ray.cli import main
 from hrem_ray.serving.api import LocalBackend, build_app
-from hrem_ray.serving.app import AUTOSCALING, Ingress, Retriever, run_service
+from hrem_ray.serving.app import AUTOSCALING, Retriever, run_service
 from hrem_ray.serving.service import RetrievalService
 from tests.helpers import SYNTH, TINY_MODEL, free_port, metric_samples
+from tests.test_serve_fuzz import run_schemathesis
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -94,12 +95,14 @@ def world(tmp_path_factory, tiny_bert) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def local(world) -> dict[str, TestClient]:
-    """The in-process API over each checkpoint, keyed by checkpoint path: the reference."""
-    clients = {}
-    for tag in ("1", "2"):
-        service = RetrievalService(world[f"ckpt{tag}"], world[f"gallery{tag}"])
-        clients[str(world[f"ckpt{tag}"])] = TestClient(build_app(LocalBackend(service)))
-    return clients
+    """The in-process API over each checkpoint, keyed by checkpoint name (ckpt1, ckpt2): the
+    reference."""
+    return {
+        f"ckpt{tag}": TestClient(
+            build_app(LocalBackend(RetrievalService(world[f"ckpt{tag}"], world[f"gallery{tag}"])))
+        )
+        for tag in ("1", "2")
+    }
 
 
 @pytest.fixture(scope="module")
@@ -179,8 +182,11 @@ def assert_same_answer(got: requests.Response, want, path: str) -> None:
         assert g == w, path
 
 
-def current_checkpoint(cluster) -> str:
-    return get(cluster, "/readyz").json()["checkpoint"]
+def current_checkpoint(cluster, local) -> str:
+    """Which checkpoint serves: the one whose model id /readyz reports."""
+    model_id = get(cluster, "/readyz").json()["model_id"]
+    (name,) = [k for k, c in local.items() if c.get("/readyz").json()["model_id"] == model_id]
+    return name
 
 
 def retriever_pids(cluster) -> list[int]:
@@ -231,7 +237,7 @@ BAD = [
 
 
 def test_every_endpoint_equals_the_in_process_api(cluster, local):
-    ref = local[current_checkpoint(cluster)]
+    ref = local[current_checkpoint(cluster, local)]
     for path, body in GOOD:
         assert_same_answer(post(cluster, path, body), ref.post(path, json=body), path)
     for path in ("/healthz", "/readyz"):
@@ -243,7 +249,7 @@ def test_every_endpoint_equals_the_in_process_api(cluster, local):
 
 
 def test_bad_requests_keep_their_clean_4xx(cluster, local):
-    ref = local[current_checkpoint(cluster)]
+    ref = local[current_checkpoint(cluster, local)]
     for path, body in BAD:
         got, want = post(cluster, path, body), ref.post(path, json=body)
         assert 400 <= want.status_code < 500
@@ -254,7 +260,7 @@ def test_bad_requests_keep_their_clean_4xx(cluster, local):
         cluster["url"] + "/search/text", data=b"{oops", headers=JSON, timeout=REQUEST_TIMEOUT_S
     )
     assert r.status_code == 422 and "not valid JSON" in r.json()["error"]
-    big = b'{"query": "' + b"x" * (5 << 20) + b'"}'  # Content-Length over 4 MiB
+    big = b'{"query": "' + b"x" * (5 << 20) + b'"}'  # Content-Length over the JSON limit
     r = HTTP.post(cluster["url"] + "/embed/text", data=big, headers=JSON, timeout=30)
     assert r.status_code == 413 and "larger than" in r.json()["error"]
 
@@ -270,7 +276,7 @@ def test_bad_requests_keep_their_clean_4xx(cluster, local):
 
 
 def test_concurrent_text_queries_are_batched(cluster, local):
-    ref = local[current_checkpoint(cluster)]
+    ref = local[current_checkpoint(cluster, local)]
     threads, waves = 16, 4
     barrier = threading.Barrier(threads)
 
@@ -381,8 +387,8 @@ def matches(entry: dict, want: Any) -> bool:
 def test_user_config_swap_under_load(cluster, world, local):
     """``serve.run`` again with a new checkpoint and gallery in ``user_config``, while
     requests keep coming: none fails, and the answers switch to the new model."""
-    old, new = local[str(world["ckpt1"])], local[str(world["ckpt2"])]
-    assert current_checkpoint(cluster) == str(world["ckpt1"])
+    old, new = local["ckpt1"], local["ckpt2"]
+    assert current_checkpoint(cluster, local) == "ckpt1"
     want_old = [answer_of(old, p, b) for p, b in STREAM]
     want_new = [answer_of(new, p, b) for p, b in STREAM]
     assert not matches({"json": want_old[0]}, want_new[0])  # the two models do differ
@@ -393,7 +399,7 @@ def test_user_config_swap_under_load(cluster, world, local):
     with Stream(cluster, STREAM) as stream:
         assert stream.wait_for(lambda e: e["status"] == 200, 30), "no answer before the swap"
         start = time.monotonic()
-        serve.run(Ingress.bind(retriever, None), name=APP, route_prefix="/")
+        serve.run(retriever, name=APP, route_prefix="/")
         deployed_at = time.monotonic()
         first_new = next((e for e in stream.log if _is(e, want_new)), None) or stream.wait_for(
             lambda e: _is(e, want_new), 30
@@ -415,11 +421,7 @@ def test_user_config_swap_under_load(cluster, world, local):
     assert all(_is(e, want_old) for e in log if e["end"] < start)
     late = [e for e in log if e["start"] > settled_at]
     assert late and all(_is(e, want_new) for e in late)
-    ready = get(cluster, "/readyz").json()
-    assert (ready["checkpoint"], ready["gallery"]) == (
-        user_config["checkpoint"],
-        user_config["gallery"],
-    )
+    assert get(cluster, "/readyz").json() == new.get("/readyz").json()
     for path, body in GOOD:
         assert_same_answer(post(cluster, path, body), new.post(path, json=body), path)
 
@@ -430,7 +432,7 @@ def _is(entry: dict, wants: list[Any]) -> bool:
 
 
 def test_killed_replica_is_replaced_under_load(cluster, local):
-    ref = local[current_checkpoint(cluster)]
+    ref = local[current_checkpoint(cluster, local)]
     want = [answer_of(ref, p, b) for p, b in STREAM]
     pids = retriever_pids(cluster)
     assert len(pids) == 1, pids
@@ -465,3 +467,17 @@ def test_killed_replica_is_replaced_under_load(cluster, local):
     assert len(new_pids) == 1 and new_pids != pids
     for path, body in GOOD:
         assert_same_answer(post(cluster, path, body), ref.post(path, json=body), path)
+
+
+@pytest.mark.timeout(180)
+def test_openapi_conformance_through_serve(cluster, local):
+    """The schemathesis run of test_serve_fuzz.py, over HTTP through Serve's proxy."""
+    import schemathesis
+
+    start = time.perf_counter()
+    report = run_schemathesis(schemathesis.openapi.from_url(cluster["url"] + "/openapi.json"), {})
+    took = time.perf_counter() - start
+    statuses = sorted(report["statuses"].items())
+    print(f"\nschemathesis through Serve: {report['cases']} cases in {took:.0f} s: {statuses}")
+    assert report["operations"] == 6
+    assert any(k.startswith("POST /search/image positive 200") for k in report["statuses"])

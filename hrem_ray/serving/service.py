@@ -1,13 +1,17 @@
-"""Retrieval over a gallery with a trained model: plain Python, no Ray, no HTTP.
+"""Retrieval over a gallery with a trained model: every operation of the service, once.
 
-The Ray Serve replicas hold one ``RetrievalService``; tests and benchmarks call it
-in-process. Every input is validated here, so a bad request becomes a ``RequestError``
-(an HTTP 4xx) and never reaches the model.
+``RetrievalService`` holds the operations (search by text, image id or features; embed;
+status) as async methods; the HTTP layer (``api.py``) only parses requests and forwards them
+by name, and the Ray Serve deployment (``app.py``) is this class plus ``@serve.batch`` on
+``embed_query``. Every input is validated here, so a bad request becomes a ``RequestError``
+(an HTTP 4xx) and never reaches the model; docs/serving.md lists the limits.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,15 +19,24 @@ import numpy as np
 import torch
 
 from hrem_ray.checkpoint import load_checkpoint
-from hrem_ray.data.batches import pad_tokens
 from hrem_ray.data.precomp import CAPTIONS_PER_IMAGE
 from hrem_ray.data.tokenize import CaptionTokenizer
+from hrem_ray.embed import embed_captions, embed_features
 from hrem_ray.index.gallery import Gallery
 from hrem_ray.index.ivf import import_faiss
 
 MAX_QUERY_CHARS = 1000
 MAX_K = 100
 MAX_REGIONS = 100
+# Region features are post-ReLU detector outputs (tens at most); far larger values overflow
+# float32 inside the model. The bound is part of the request schema, so the schema and the
+# service refuse the same inputs.
+MAX_FEATURE_ABS = 1e6
+# Python's str.isspace() characters, spelled for a JSON Schema / Python regex character
+# class: a query must hold at least one character outside it.
+SPACE_CLASS = (
+    "\\t-\\r\\x1c-\\x20\\x85\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000"
+)
 
 
 class RequestError(ValueError):
@@ -42,30 +55,181 @@ class Hit:
     caption: str | None = None
     image_id: int | None = None
 
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
 
-class RetrievalService:
-    """A checkpoint's towers plus a gallery; thread-unsafe by design (one per replica)."""
 
-    def __init__(self, checkpoint: str | Path, gallery: str | Path, device: str = "cpu"):
-        torch.set_num_threads(1)
-        self.checkpoint_path = str(checkpoint)
-        self.gallery_path = str(gallery)
-        ck = load_checkpoint(checkpoint, device=device)
+@dataclass
+class Reply:
+    """An operation's JSON body, plus the size of the text batch it was embedded in (for the
+    ``hrem_text_batch_size`` histogram; 0 for operations that embed no text)."""
+
+    body: dict[str, Any]
+    batch: int = 0
+
+
+@dataclass
+class Model:
+    """One checkpoint and one gallery, swapped as a unit: a query embedded by a model searches
+    that model's gallery."""
+
+    checkpoint: str
+    gallery_ref: str
+    device: str
+    model: Any = field(init=False)
+    tokenizer: CaptionTokenizer = field(init=False)
+    gallery: Gallery = field(init=False)
+    img_dim: int = field(init=False)
+    model_id: str = field(init=False)
+    gallery_id: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        ck = load_checkpoint(self.checkpoint, device=self.device)
         self.model = ck.model
-        self.device = device
         self.tokenizer = CaptionTokenizer.from_dir(
             ck.backbone_dir, max_tokens=ck.config.data.max_tokens
         )
-        self.gallery = Gallery.open(gallery)
+        self.gallery = Gallery.open(self.gallery_ref)
         if self.gallery.manifest.get("ivf"):
-            import_faiss().omp_set_num_threads(1)  # one core per replica, as torch above
+            import_faiss().omp_set_num_threads(1)  # one core per replica, as torch
         dim = ck.config.model.embed_size
         if self.gallery.manifest["dim"] != dim:
             raise ValueError(
-                f"gallery {gallery} has {self.gallery.manifest['dim']}-d embeddings but the "
-                f"checkpoint {checkpoint} makes {dim}-d ones: rebuild it with hrem-ray index"
+                f"gallery {self.gallery_ref} has {self.gallery.manifest['dim']}-d embeddings "
+                f"but the checkpoint {self.checkpoint} makes {dim}-d ones: rebuild it with "
+                "hrem-ray index"
             )
         self.img_dim = ck.config.model.img_dim
+        self.model_id = _weights_id(ck.model)
+        self.gallery_id = _digest(json.dumps(self.gallery.manifest, sort_keys=True).encode())
+
+    def embed_texts(self, queries: list[str]) -> np.ndarray:
+        """[n, D] embeddings of already-validated queries, one forward pass (embed.py)."""
+        return embed_captions(
+            self.model, self.tokenizer, queries, batch_size=len(queries), device=self.device
+        )
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def _weights_id(model: torch.nn.Module) -> str:
+    """A content id of the weights: the same checkpoint copied anywhere has the same id."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().flatten().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class RetrievalService:
+    """A checkpoint's towers plus a gallery; one per replica (not thread-safe)."""
+
+    def __init__(self, checkpoint: str | Path, gallery: str | Path, device: str = "cpu"):
+        torch.set_num_threads(1)
+        self.device = device
+        self.current = Model(str(checkpoint), str(gallery), device)
+
+    def swap(self, checkpoint: str | Path, gallery: str | Path) -> None:
+        """Load a new checkpoint and gallery, then swap them in with one assignment, so that
+        requests in flight finish on the old pair. The request schema was built for the
+        current shapes, so a swap must keep them."""
+        if (str(checkpoint), str(gallery)) == (self.current.checkpoint, self.current.gallery_ref):
+            return
+        new = Model(str(checkpoint), str(gallery), self.device)
+        old = self.current
+        if (new.img_dim, new.gallery.manifest["dim"]) != (
+            old.img_dim,
+            old.gallery.manifest["dim"],
+        ):
+            raise ValueError(
+                f"{checkpoint} takes {new.img_dim}-d features and makes "
+                f"{new.gallery.manifest['dim']}-d embeddings, the running one "
+                f"{old.img_dim}-d and {old.gallery.manifest['dim']}-d: deploy it as a new "
+                "application instead of swapping it in"
+            )
+        self.current = new
+
+    @property
+    def img_dim(self) -> int:
+        return self.current.img_dim
+
+    @property
+    def gallery(self) -> Gallery:
+        return self.current.gallery
+
+    # -- the operations (one HTTP route each, api.py) ------------------------------------
+    async def search_text(self, query: str, k: int = 10) -> Reply:
+        self.check_k(k)
+        emb, batch, model = await self.embed_query(self.check_query(query))
+        hits = images_for(model, emb, k)
+        return Reply({"query": query, "results": [h.to_json() for h in hits]}, batch)
+
+    async def search_image(
+        self, image_id: int | None = None, features: Any = None, k: int = 10
+    ) -> Reply:
+        """Captions for a gallery image or for raw region features (exactly one of them)."""
+        self.check_k(k)
+        if (image_id is None) == (features is None):
+            raise RequestError("give exactly one of image_id and features")
+        model = self.current
+        if image_id is not None:
+            emb = self.gallery_image(image_id)
+        else:
+            emb = self._embed_image(model, self.check_features(features))
+        return Reply({"results": [h.to_json() for h in captions_for(model, emb, k)]})
+
+    async def embed_text(self, query: str) -> Reply:
+        emb, batch, _ = await self.embed_query(self.check_query(query))
+        return Reply({"embedding": emb.tolist()}, batch)
+
+    async def embed_image(self, features: Any) -> Reply:
+        emb = self._embed_image(self.current, self.check_features(features))
+        return Reply({"embedding": emb.tolist()})
+
+    async def status(self) -> Reply:
+        """Readiness without filesystem paths or URIs: ids, sizes and shapes only."""
+        m = self.current
+        return Reply(
+            {
+                "status": "ready",
+                "model_id": m.model_id,
+                "gallery_id": m.gallery_id,
+                "n_images": m.gallery.n_images,
+                "n_captions": m.gallery.n_captions,
+                "img_dim": m.img_dim,
+                "embed_dim": int(m.gallery.manifest["dim"]),
+            }
+        )
+
+    async def embed_query(self, query: str) -> tuple[np.ndarray, int, Model]:
+        """One query's embedding, the batch size it ran in and the model that made it. The
+        Ray deployment overrides this with a ``@serve.batch`` version."""
+        model = self.current
+        return model.embed_texts([query])[0], 1, model
+
+    # -- the pieces (also used by tests and benchmarks) ---------------------------------
+    def embed_texts(self, queries: list[str]) -> np.ndarray:
+        return self.current.embed_texts(queries)
+
+    def images_for(self, text_emb: np.ndarray, k: int) -> list[Hit]:
+        return images_for(self.current, text_emb, k)
+
+    def captions_for(self, image_emb: np.ndarray, k: int) -> list[Hit]:
+        return captions_for(self.current, image_emb, k)
+
+    def gallery_image(self, image_id: int) -> np.ndarray:
+        return np.asarray(self.gallery.image_embs[self.check_image_id(image_id)], np.float32)
+
+    @staticmethod
+    def _embed_image(model: Model, features: np.ndarray) -> np.ndarray:
+        emb = embed_features(model.model, features[None], batch_size=1, device=model.device)[0]
+        # Inputs within MAX_FEATURE_ABS keep the model finite; this guards the L2
+        # normalisation against overflow all the same (a zero "unit" vector).
+        if not np.isfinite(emb).all() or abs(np.linalg.norm(emb.astype(np.float64)) - 1) > 1e-3:
+            raise RequestError("features too large: the model's output is not a unit vector")
+        return emb
 
     # -- validation -------------------------------------------------------------------
     @staticmethod
@@ -98,6 +262,8 @@ class RetrievalService:
             )
         if not np.isfinite(arr).all():
             raise RequestError("features contain non-finite numbers")
+        if np.abs(arr).max() > MAX_FEATURE_ABS:
+            raise RequestError(f"features too large: |value| must be at most {MAX_FEATURE_ABS:g}")
         return arr
 
     def check_image_id(self, image_id: int) -> int:
@@ -107,46 +273,23 @@ class RetrievalService:
             raise RequestError(f"unknown image_id {image_id}", status=404)
         return image_id
 
-    # -- model ------------------------------------------------------------------------
-    def embed_texts(self, queries: list[str]) -> np.ndarray:
-        """[n, D] embeddings of already-validated queries, one forward pass."""
-        tokens, lengths = pad_tokens(
-            [self.tokenizer.encode(q) for q in queries], self.tokenizer.pad_id
+
+def images_for(model: Model, text_emb: np.ndarray, k: int) -> list[Hit]:
+    ids, scores = model.gallery.search_images(text_emb[None], k)
+    return [
+        Hit(int(i), float(s), captions=model.gallery.captions_of(int(i)))
+        for i, s in zip(ids[0], scores[0], strict=True)
+    ]
+
+
+def captions_for(model: Model, image_emb: np.ndarray, k: int) -> list[Hit]:
+    ids, scores = model.gallery.search_captions(image_emb[None], k)
+    return [
+        Hit(
+            int(i),
+            float(s),
+            caption=model.gallery.captions[int(i)],
+            image_id=int(i) // CAPTIONS_PER_IMAGE,
         )
-        with torch.inference_mode():
-            out = self.model.embed_texts(tokens.to(self.device), lengths.to(self.device))
-        return out.float().cpu().numpy()
-
-    def embed_image(self, features: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(features)[None].to(self.device)
-        with torch.inference_mode():
-            out = self.model.embed_images(x, torch.tensor([len(features)], device=self.device))
-        emb = out.float().cpu().numpy()[0]
-        # Finite but huge inputs (1e19) overflow inside the model: to inf/NaN, or to a zero
-        # vector when the squared norm overflows in the final L2 normalisation.
-        if not np.isfinite(emb).all() or abs(np.linalg.norm(emb.astype(np.float64)) - 1) > 1e-3:
-            raise RequestError("features too large: the model's output is not a unit vector")
-        return emb
-
-    # -- search -----------------------------------------------------------------------
-    def images_for(self, text_emb: np.ndarray, k: int) -> list[Hit]:
-        ids, scores = self.gallery.search_images(text_emb[None], k)
-        return [
-            Hit(int(i), float(s), captions=self.gallery.captions_of(int(i)))
-            for i, s in zip(ids[0], scores[0], strict=True)
-        ]
-
-    def captions_for(self, image_emb: np.ndarray, k: int) -> list[Hit]:
-        ids, scores = self.gallery.search_captions(image_emb[None], k)
-        return [
-            Hit(
-                int(i),
-                float(s),
-                caption=self.gallery.captions[int(i)],
-                image_id=int(i) // CAPTIONS_PER_IMAGE,
-            )
-            for i, s in zip(ids[0], scores[0], strict=True)
-        ]
-
-    def gallery_image(self, image_id: int) -> np.ndarray:
-        return np.asarray(self.gallery.image_embs[self.check_image_id(image_id)], np.float32)
+        for i, s in zip(ids[0], scores[0], strict=True)
+    ]
