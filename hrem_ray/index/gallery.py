@@ -178,9 +178,12 @@ def ivf_recall(queries: np.ndarray, embs: np.ndarray, ivf: IvfIndex) -> float:
     return recall_at_k(approx, exact)
 
 
-def check_k(k: int) -> int:
+def check_k(k: int, most: int | None = None) -> int:
+    """``k`` of a top-k search: a positive integer, at most ``most`` when given."""
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
+    if most is not None and k > most:
+        raise ValueError(f"k must be at most {most}, got {k!r}")
     return int(k)
 
 

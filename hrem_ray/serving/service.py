@@ -22,7 +22,7 @@ from hrem_ray.checkpoint import load_checkpoint
 from hrem_ray.data.precomp import CAPTIONS_PER_IMAGE
 from hrem_ray.data.tokenize import CaptionTokenizer
 from hrem_ray.embed import embed_captions, embed_features
-from hrem_ray.index.gallery import Gallery
+from hrem_ray.index.gallery import Gallery, check_k
 from hrem_ray.index.ivf import import_faiss
 
 MAX_QUERY_CHARS = 1000
@@ -242,9 +242,10 @@ class RetrievalService:
 
     @staticmethod
     def check_k(k: int) -> int:
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
-            raise RequestError(f"k must be an integer in [1, {MAX_K}]")
-        return k
+        try:
+            return check_k(k, MAX_K)
+        except ValueError as e:
+            raise RequestError(str(e)) from None
 
     def check_features(self, features: Any) -> np.ndarray:
         try:
