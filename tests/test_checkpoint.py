@@ -6,11 +6,16 @@ import argparse
 import json
 import os
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
 
-from hrem_ray.authors_import import AuthorsCheckpointError, import_authors_checkpoint
+from hrem_ray.authors_import import (
+    AuthorsCheckpointError,
+    config_from_authors,
+    import_authors_checkpoint,
+)
 from hrem_ray.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -95,24 +100,136 @@ def authors_state(model):
     return [img, txt]
 
 
-def test_import_authors_checkpoint(cfg, tmp_path, tiny_bert):
-    cfg.model.num_heads = 16  # the released runs' head count; it is not in the weights
+AUTHORS_OPT = json.loads((Path(__file__).parent / "data" / "authors_opt.json").read_text())
+AUTHORS_OPT.pop("_about")
+
+
+def authors_opt(cfg: HREMConfig, **changes) -> argparse.Namespace:
+    """The authors' saved Namespace: their defaults, the tiny model's widths, ``changes``."""
+    widths = {"embed_size": cfg.model.embed_size, "img_dim": cfg.model.img_dim}
+    return argparse.Namespace(**{**AUTHORS_OPT, **widths, **changes})
+
+
+def save_authors(path, model, opt, epoch=7):
+    state = {"model": authors_state(model), "opt": opt, "epoch": epoch, "best_rsum": 500.1}
+    torch.save({**state, "Eiters": 9}, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("source", "opt_changes"),
+    [
+        ({"num_heads": 8, "dropout": 0.0}, {"nhead": 8, "dropout": 0.0}),
+        ({"num_heads": 16, "img_norm": False, "txt_norm": False},
+         {"no_imgnorm": True, "no_txtnorm": True}),
+        ({"num_heads": 16, "mask_weight": 1.5},
+         {"dataset": "coco", "batch_size": 256, "mask_weight": 1.5}),
+    ],
+    ids=["heads", "no-norm", "coco"],
+)  # fmt: skip
+def test_import_gives_the_source_models_embeddings(cfg, tmp_path, tiny_bert, source, opt_changes):
+    for key, value in source.items():
+        setattr(cfg.model, key, value)
     model = build_model(cfg.model, pretrained=False).eval()
-    opt = argparse.Namespace(
-        margin=0.3, mask_weight=1.5, num_layers_enc=2, data_name="coco_precomp"
-    )
-    src = tmp_path / "model_best.pth"
-    torch.save(
-        {"model": authors_state(model), "opt": opt, "epoch": 7, "best_rsum": 500.1, "Eiters": 9},
-        src,
-    )
+    src = save_authors(tmp_path / "model_best.pth", model, authors_opt(cfg, **opt_changes))
     ck = load_checkpoint(import_authors_checkpoint(src, tiny_bert, tmp_path / "imported"))
     for a, b in zip(embeddings(model), embeddings(ck.model), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
-    assert ck.config.model.mask_weight == 1.5 and ck.config.model.num_layers_enc == 2
-    assert ck.config.model.embed_size == cfg.model.embed_size
-    assert ck.config.data.dataset == "coco"
+        norms = a.norm(dim=1)
+        assert torch.allclose(norms, torch.ones_like(norms)) == cfg.model.img_norm
+    for key, value in source.items():
+        assert getattr(ck.config.model, key) == value
     assert ck.meta["best_rsum"] == 500.1 and ck.meta["epoch"] == 7
+    coco = opt_changes.get("dataset") == "coco"
+    assert ck.config.data.dataset == ("coco" if coco else "f30k")
+    assert ck.config.model.cutoff == (1.9 if coco else 1.7)
+    assert ck.config.train.batch_size == (256 if coco else 128)
+
+
+def test_defaults_import_as_our_recipe(cfg):
+    """The authors' defaults are our defaults, key for key (the towers' widths aside)."""
+    model = build_model(cfg.model, pretrained=False)
+    raw = {"model": authors_state(model), "opt": authors_opt(cfg), "epoch": 3}
+    got = config_from_authors(raw, "bert").to_dict()
+    want = HREMConfig().validate().to_dict()
+    for key in ("bert_path", "embed_size", "img_dim", "mlp_hidden", "ff_dim"):
+        del got["model"][key], want["model"][key]
+    assert got == want
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "key", "expected"),
+    [
+        ("dataset", "coco_precomp", "data.dataset", "coco"),
+        ("num_epochs", 12, "train.epochs", 12),
+        ("batch_size", 64, "train.batch_size", 64),
+        ("learning_rate", 2e-4, "train.lr", 2e-4),
+        ("grad_clip", 1.0, "train.grad_clip", 1.0),
+        ("lr_schedules", [5, 9], "train.lr_decay_epochs", [5, 9]),
+        ("decay_rate", 0.5, "train.lr_decay", 0.5),
+        ("graph_lr_factor", 2.0, "train.relation_lr_factor", 2.0),
+        ("no_imgnorm", True, "model.img_norm", False),
+        ("no_txtnorm", True, "model.txt_norm", False),
+        ("residual_weight", 0.6, "model.residual_weight", 0.6),
+        ("nhead", 8, "model.num_heads", 8),
+        ("dropout", 0.2, "model.dropout", 0.2),
+        ("num_layers_enc", 3, "model.num_layers_enc", 3),
+        ("warmup", 100, "model.warmup", 100),
+        ("mask_weight", 1.5, "model.mask_weight", 1.5),
+        ("threshold", 0.25, "model.threshold", 0.25),
+        ("topk", 5, "model.frag_topk", 5),
+        ("reg_loss_weight", 3, "model.kl_weight", 3.0),
+        ("cross_loss", 0, "model.cross_loss", False),
+        ("base_loss", "vse", "model.base_loss", "vse"),
+        ("gnn_loss", "vse", "model.relation_loss", "vse"),
+        ("mask_repeat", 0, "model.mask_repeat", False),
+        ("size_augment", 0, "data.region_keep", 1.0),
+        ("vse_mean_warmup_epochs", 3, "model.vse_mean_warmup_epochs", 3),
+        ("margin", 0.7, "model.margin", 0.2),  # both losses 'trip': margin 0.2 is fixed
+    ],
+)
+def test_each_field_maps_to_our_config(cfg, field, value, key, expected):
+    model = build_model(cfg.model, pretrained=False)
+    raw = {"model": authors_state(model), "opt": authors_opt(cfg, **{field: value})}
+    section, name = key.split(".")
+    assert getattr(getattr(config_from_authors(raw, "bert"), section), name) == expected
+
+
+@pytest.mark.parametrize(
+    ("changes", "epoch", "margin", "vse_warmup"),
+    [
+        ({"base_loss": "vse", "gnn_loss": "vse", "margin": 0.5}, 7, 0.5, 1),
+        ({"base_loss": "vse", "max_violation": True}, 7, 0.2, 1),  # flipped by the warm-up
+        ({"base_loss": "vse", "max_violation": True, "vse_mean_warmup_epochs": 5}, 2, 0.2, 0),
+    ],
+)
+def test_vse_margin_and_schedule(cfg, changes, epoch, margin, vse_warmup):
+    model = build_model(cfg.model, pretrained=False)
+    raw = {"model": authors_state(model), "opt": authors_opt(cfg, **changes), "epoch": epoch}
+    got = config_from_authors(raw, "bert").model
+    assert (got.margin, got.vse_mean_warmup_epochs, got.max_violation) == (
+        margin, vse_warmup, True
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"norm_input": 0}, "opt field 'norm_input' = 0: .*not supported"),
+        ({"data_name": "coco"}, "opt field 'data_name' is not in the authors' parser"),
+        ({"base_loss": "vse", "margin": 0.5}, "opt field 'margin': .*one margin"),
+        ({"embed_size": 1024}, "opt field 'embed_size' = 1024 disagrees"),
+        ({"cross_loss": 2}, "opt field 'cross_loss' = 2: expects 0 or 1"),
+        ({"gnn_loss": "infonce"}, "opt field 'gnn_loss' = 'infonce': .*'model.relation_loss'"),
+        ({"nhead": 5}, "opt field 'nhead' = 5: .*divisible"),
+    ],
+)
+def test_unrepresentable_fields_are_named(cfg, tmp_path, tiny_bert, changes, message):
+    model = build_model(cfg.model, pretrained=False)
+    src = save_authors(tmp_path / "m.pth", model, authors_opt(cfg, **changes))
+    with pytest.raises(AuthorsCheckpointError, match=message):
+        import_authors_checkpoint(src, tiny_bert, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 class Evil:

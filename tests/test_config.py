@@ -31,7 +31,9 @@ def test_defaults_are_the_spec_recipe():
     assert m.margin == 0.2
     assert m.cutoff == 1.7
     assert m.kl_weight == 10.0
-    assert m.loss == "trip"
+    assert m.base_loss == m.relation_loss == "trip"
+    assert m.max_violation and m.vse_mean_warmup_epochs == 1 and m.mask_repeat
+    assert m.cross_loss and m.img_norm and m.txt_norm
     assert m.num_layers_enc == 1
 
 
@@ -61,7 +63,7 @@ def test_yaml_then_overrides(tmp_path):
     )
     # from the file: int widened to float, bool, str
     assert cfg.model.margin == 1.0 and isinstance(cfg.model.margin, float)
-    assert cfg.model.loss == "vse"
+    assert cfg.model.base_loss == cfg.model.relation_loss == "vse"  # the old key sets both
     # overrides win over the file, with their types
     assert cfg.train.epochs == 7 and isinstance(cfg.train.epochs, int)
     assert cfg.train.lr == pytest.approx(1e-3) and isinstance(cfg.train.lr, float)
@@ -102,7 +104,10 @@ def test_shipped_configs_load():
         ("model.max_violation=1", "model.max_violation"),
         ("train.lr_decay_epochs=15", "train.lr_decay_epochs"),
         ("train.lr_decay_epochs=[a, b]", "train.lr_decay_epochs"),
-        ("model.loss=foo", "model.loss"),
+        ("model.loss=foo", "model.base_loss"),
+        ("model.relation_loss=foo", "model.relation_loss"),
+        ("model.cutoff=0", "model.cutoff"),
+        ("model.vse_mean_warmup_epochs=-1", "model.vse_mean_warmup_epochs"),
         ("model.threshold=0", "model.threshold"),
         ("model.threshold=1.5", "model.threshold"),
         ("model.num_heads=5", "model.embed_size"),
@@ -141,7 +146,7 @@ def test_from_dict_rejects_unknowns_and_bad_values():
 def test_yaml_file_errors_name_file_and_key(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("model:\n  loss: foo\n")
-    with pytest.raises(ConfigError, match="bad.yaml.*'model.loss'"):
+    with pytest.raises(ConfigError, match="bad.yaml.*'model.base_loss'"):
         load_config(path)
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")
@@ -159,4 +164,37 @@ def test_to_dict_from_dict_round_trip():
     back = HREMConfig.from_dict(d)
     assert back == cfg
     assert back.to_dict() == d
-    assert HREMConfig.from_dict({}) == HREMConfig()
+    assert HREMConfig.from_dict({}) == HREMConfig().validate()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "cutoff"),
+    [
+        ([], 1.7),
+        (["data.dataset=coco"], 1.9),
+        (["data.dataset=coco", "model.cutoff=1.5"], 1.5),
+        (["model.cutoff=null"], 1.7),
+    ],
+)
+def test_cutoff_follows_the_dataset_unless_set(overrides, cutoff):
+    """The authors' sampler cuts at 1.9 on coco and 1.7 elsewhere; resolved once, so the
+    value saved with a run stays what it trained with."""
+    cfg = load_config(overrides=overrides)
+    assert cfg.model.cutoff == cutoff
+    cfg.data.dataset = "f30k"
+    assert cfg.validate().model.cutoff == cutoff
+
+
+def test_coco_yaml_and_coco_flag_agree():
+    flag = load_config(overrides=["data.dataset=coco"])
+    assert load_config(CONFIGS / "hrem_coco.yaml").model.cutoff == flag.model.cutoff == 1.9
+    assert flag.to_flags() == ["--dataset", "coco"]
+
+
+def test_loss_attribute_sets_both_losses():
+    m = HREMConfig().model
+    m.loss = "vse"
+    assert (m.base_loss, m.relation_loss, m.loss) == ("vse", "vse", "vse")
+    m.relation_loss = "trip"
+    with pytest.raises(ConfigError, match="ambiguous"):
+        _ = m.loss

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
+from hrem_ray.cli import main
 from hrem_ray.eval import metrics
 from hrem_ray.eval.encode import encode, similarity
+from hrem_ray.eval.evaluate import save_sims
 from hrem_ray.eval.metrics import (
     evaluate_fold5,
     evaluate_sims,
@@ -16,6 +20,7 @@ from hrem_ray.eval.metrics import (
     recall_summary,
     t2i_ranks,
 )
+from tests.helpers import TINY_MODEL, run_err, tiny_data_and_checkpoint
 
 SIZES = [1, 2, 5, 13, 40]
 
@@ -258,3 +263,73 @@ def test_similarity_is_float32_dot_product() -> None:
     np.testing.assert_allclose(sims, img @ cap.T, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="incompatible"):
         similarity(img, cap[:, :3])
+
+
+def reference_result(sims: np.ndarray) -> dict:
+    i2t = reference_summary(reference_i2t(sims))
+    t2i = reference_summary(reference_t2i(sims))
+    return {"i2t": i2t, "t2i": t2i, "rsum": sum(i2t[k] + t2i[k] for k in ("r1", "r5", "r10"))}
+
+
+def assert_result_close(got: dict, want: dict) -> None:
+    for direction in ("i2t", "t2i"):
+        assert_summary_close(got[direction], want[direction])
+    assert got["rsum"] == pytest.approx(want["rsum"])
+
+
+def test_ensemble_eval_scores_the_mean_matrix(tmp_path, tiny_bert, capsys):
+    """Two seeds of a tiny model: ``--checkpoint A --checkpoint B`` scores (S_A + S_B) / 2,
+    fold5 included; ``--sims`` of the saved single matrices gives the same JSON."""
+    data, ck_a = tiny_data_and_checkpoint(tmp_path, tiny_bert)
+    ck_b = tmp_path / "ckpt_b"
+    main(["init-checkpoint", "--out", str(ck_b), "--bert-path", tiny_bert, "--seed", "1",
+          *TINY_MODEL])  # fmt: skip
+    split = ["--data-path", str(data), "--dataset", "f30k", "--split", "test"]
+
+    def run_eval(*argv: str) -> dict:
+        out = tmp_path / "result.json"
+        main(["eval", *split, "--fold5", "--json", str(out), *argv])
+        return json.loads(out.read_text())
+
+    alone = {}
+    for name, ck in (("a", ck_a), ("b", ck_b)):
+        alone[name] = run_eval("--checkpoint", str(ck), "--save-sims", str(tmp_path / name))
+    s_a, s_b = np.load(tmp_path / "a"), np.load(tmp_path / "b")
+    assert s_a.shape == (10, 50) and not np.allclose(s_a, s_b)
+    assert_result_close(alone["a"], reference_result(s_a))
+
+    ens = run_eval("--checkpoint", str(ck_a), "--checkpoint", str(ck_b),
+                   "--save-sims", str(tmp_path / "ens.npy"))  # fmt: skip
+    mean = (s_a.astype(np.float64) + s_b) / 2
+    np.testing.assert_allclose(np.load(tmp_path / "ens.npy"), mean, rtol=0, atol=1e-6)
+    assert_result_close(ens, reference_result(mean))
+    folds = [reference_result(mean[2 * f : 2 * f + 2, 10 * f : 10 * f + 10]) for f in range(5)]
+    assert ens["fold5"]["rsum"] == pytest.approx(np.mean([f["rsum"] for f in folds]))
+    assert ens["fold5"]["i2t"]["r1"] == pytest.approx(np.mean([f["i2t"]["r1"] for f in folds]))
+    assert run_eval("--sims", str(tmp_path / "a"), str(tmp_path / "b")) == ens
+    assert run_eval("--sims", str(tmp_path / "a"), "--checkpoint", str(ck_b)) == ens
+    capsys.readouterr()
+
+    np.save(tmp_path / "wrong.npy", s_a[:, :45])
+    line = run_err(capsys, "eval", *split, "--sims", str(tmp_path / "wrong.npy"))
+    assert "shape (10, 45)" in line and "(10, 50)" in line
+    (tmp_path / "junk.npy").write_text("not numpy")
+    assert "not a saved similarity matrix" in run_err(
+        capsys, "eval", *split, "--sims", str(tmp_path / "junk.npy")
+    )
+    assert "give --checkpoint or --sims" in run_err(capsys, "eval", *split)
+
+
+def test_save_sims_is_atomic(tmp_path, monkeypatch):
+    """A failed write leaves the old matrix and no temporary file."""
+    path = tmp_path / "s.npy"
+    save_sims(path, np.ones((1, 5), dtype=np.float32))
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(np, "save", boom)
+    with pytest.raises(OSError):
+        save_sims(path, np.zeros((1, 5), dtype=np.float32))
+    monkeypatch.undo()
+    assert np.load(path).sum() == 5 and sorted(p.name for p in tmp_path.iterdir()) == ["s.npy"]

@@ -21,9 +21,9 @@ from hrem_ray.data.tokenize import CaptionTokenizer
 from hrem_ray.model import build_model, hrem_loss
 from hrem_ray.model.hrem import LossOutput
 from hrem_ray.train.local import train_local
-from hrem_ray.train.setup import RunExistsError
 from hrem_ray.train.loop import TrainState, fit, train_epoch, train_step
 from hrem_ray.train.optim import build_optimizer, lr_factor, param_groups, set_epoch_lr
+from hrem_ray.train.setup import RunExistsError
 
 
 @pytest.fixture(scope="module")
@@ -374,3 +374,20 @@ def test_train_local_resume_equals_straight_run(cfg, tmp_path):
     with pytest.raises(RunExistsError):
         train_local(resume_cfg(cfg, 2), straight, log=quiet)
     assert read_metrics(straight) == ma
+
+
+def test_train_epoch_drives_the_vse_warm_up(cfg, batches):
+    """VSE++ sums over negatives during ``vse_mean_warmup_epochs`` and takes the hardest
+    negative after: the epoch reaches the loss through train_epoch and train_step."""
+    cfg.model.base_loss = cfg.model.relation_loss = "vse"
+    cfg.model.max_violation, cfg.model.vse_mean_warmup_epochs = True, 1
+    cfg.model.warmup = 10**9  # base loss only
+    losses = {}
+    for epoch in (0, 1):
+        torch.manual_seed(0)
+        model = build_model(cfg.model, pretrained=False)
+        state = TrainState(epoch=epoch)
+        m = train_epoch(model, batches[:1], build_optimizer(model, cfg.train), state, cfg, log=None)
+        losses[epoch] = m["train_loss"]
+    # sum over every negative, then only the hardest per row and column: far smaller
+    assert losses[1] < losses[0] / 2

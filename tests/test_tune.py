@@ -20,7 +20,7 @@ of 2 (152-170 s at 6-15, with other people's Ray tests running); the resume test
 (one at a time) through ``init_ray``, which gives every Ray process RAY_ADDRESS: without
 it Ray Train's placement-group cleaner cannot tell its cluster from other Ray instances on
 the machine, and the placement group of every trial that ends leaks until the sweep hangs.
-See ../shared/docs/ray-notes.md for the environment.
+See docs/ray.md for the environment.
 """
 
 from __future__ import annotations
@@ -50,7 +50,13 @@ from hrem_ray.cli import main
 from hrem_ray.config import HREMConfig, load_config
 from hrem_ray.data.synth import write_synthetic
 from hrem_ray.ray_runtime import ENV_DEFAULTS, init_ray
-from hrem_ray.tune.space import SearchSpace, SpaceError, load_space, parse_space
+from hrem_ray.tune.space import (
+    SearchSpace,
+    SpaceError,
+    check_relation_knobs_active,
+    load_space,
+    parse_space,
+)
 from hrem_ray.tune.sweep import SweepOptions, run_sweep, trial_config
 from tests.helpers import alive
 
@@ -337,6 +343,99 @@ def test_cli_bad_counts_exit_2_before_ray(no_ray, capsys, tmp_path, flag):
     err = capsys.readouterr().err
     assert err.startswith(f"hrem-ray tune: error: {flag} must be >= 1"), err
     assert not ray.is_initialized()
+
+
+def _first_relation_epoch(n_captions: int, batch: int, warmup: int) -> int:
+    """Step through training iteration by iteration: the 1-based epoch of the first step
+    at which the relation module runs (iteration >= warmup)."""
+    iteration, epoch = 0, 0
+    while True:
+        epoch += 1
+        for _ in range(n_captions // batch):
+            if iteration >= warmup:
+                return epoch
+            iteration += 1
+
+
+F30K_CAPTIONS = 29_000 * 5
+RECIPE = REPO / "configs" / "hrem_f30k.yaml"
+RELATION_SPACE = {"params": {"model.mask_weight": {"uniform": [0.5, 2.5]}}}
+
+
+@pytest.mark.parametrize(
+    ("n_captions", "batch", "warmup"), [(F30K_CAPTIONS, 128, 8000), (5000, 64, 100),
+                                        (1000, 100, 0), (1000, 100, 20), (1000, 100, 21)],
+)  # fmt: skip
+def test_relation_knobs_need_a_grace_period_past_the_warmup(n_captions, batch, warmup):
+    start = _first_relation_epoch(n_captions, batch, warmup)
+    cfg = load_config(None, [f"train.batch_size={batch}", f"model.warmup={warmup}"])
+    for grace in [g for g in (start - 1, start) if g >= 1]:
+        raw = {**RELATION_SPACE, "scheduler": {"grace_period": grace}}
+        space = parse_space(raw)
+        if grace < start:
+            with pytest.raises(SpaceError, match=rf"epoch {start} .*grace_period={grace} "):
+                check_relation_knobs_active(space, cfg, n_captions)
+        else:
+            check_relation_knobs_active(space, cfg, n_captions)
+    cfg.train.epochs = start - 1
+    if start > 1:
+        with pytest.raises(
+            SpaceError, match=rf"stop after {start - 1} epoch.*--epochs to >= {start}"
+        ):
+            check_relation_knobs_active(parse_space({**RELATION_SPACE, "scheduler": "none"}),
+                                        cfg, n_captions)  # fmt: skip
+
+
+def test_f30k_recipe_numbers_in_the_error():
+    cfg = load_config(RECIPE)
+    with pytest.raises(SpaceError) as e:
+        check_relation_knobs_active(load_space(REPO / "tune_spaces" / "default.yaml"), cfg,
+                                    F30K_CAPTIONS)  # fmt: skip
+    msg = str(e.value)
+    assert "\n" not in msg
+    for part in ("model.mask_weight, model.num_layers_enc", "epoch 8", "model.warmup=8000",
+                 "1132 per epoch", "145000 captions // batch 128", "grace_period=2",
+                 "to >= 8", "--allow-inactive"):  # fmt: skip
+        assert part in msg, (part, msg)
+    assert "model.margin" not in msg  # it acts through the base loss from the first step
+    check_relation_knobs_active(load_space(REPO / "tune_spaces" / "hrem_f30k.yaml"), cfg,
+                                F30K_CAPTIONS)  # fmt: skip
+
+
+def test_only_relation_knobs_are_checked_and_a_searched_warmup_counts_at_its_largest():
+    cfg = load_config(RECIPE)
+    space = parse_space({"params": {"train.lr": {"loguniform": [1e-4, 1e-3]},
+                                    "model.margin": {"uniform": [0.1, 0.4]}}})  # fmt: skip
+    check_relation_knobs_active(space, cfg, F30K_CAPTIONS)
+    space = parse_space({"params": {**RELATION_SPACE["params"],
+                                    "model.warmup": {"choice": [0, 12000]}},
+                         "scheduler": {"grace_period": 10}})  # fmt: skip
+    with pytest.raises(SpaceError, match=r"epoch 11 .*model\.warmup=12000"):
+        check_relation_knobs_active(space, cfg, F30K_CAPTIONS)
+
+
+def test_sweep_with_sleeping_knobs_fails_before_ray(no_ray, tmp_path, tiny_bert, monkeypatch):
+    """run_sweep refuses before any trial; --allow-inactive reaches run_sweep as the option."""
+    write_synthetic(tmp_path / "data", train_images=20, dev_images=5, test_images=5,
+                    regions=4, dim=64)  # fmt: skip
+    cfg = _tiny_cfg(str(tmp_path / "data"), tiny_bert)
+    cfg.train.batch_size = BATCH  # 100 captions // 32 = 3 iterations per epoch, warmup 1000
+    options = SweepOptions(storage_path=str(tmp_path / "runs"), name="s")
+    with pytest.raises(SpaceError, match=r"model\.mask_weight act only from epoch 334"):
+        run_sweep(cfg, parse_space(RELATION_SPACE), options, log=lambda _: None)
+    assert not ray.is_initialized() and not (tmp_path / "runs").exists()
+
+    seen = {}
+
+    def fake_sweep(cfg, space, options, log):
+        seen["options"] = options
+        return {"best": "nowhere"}
+
+    monkeypatch.setattr("hrem_ray.ray_runtime.init_ray", lambda *a, **k: None)
+    monkeypatch.setattr("hrem_ray.tune.sweep.run_sweep", fake_sweep)
+    space = _write(tmp_path / "space.yaml", RELATION_SPACE)
+    main(["tune", "--space", str(space), "--allow-inactive", "--storage-path", str(tmp_path)])
+    assert seen["options"].allow_inactive is True
 
 
 # --------------------------------------------------------------------------- helpers for Ray

@@ -1,11 +1,13 @@
-"""Evaluate a model on a precomp split: encode every image and caption once, then score."""
+"""Evaluate a model, or an ensemble of models and saved similarity matrices, on a precomp
+split: encode every image and caption once, then score."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from hrem_ray.data.precomp import PrecompSplit, open_split
@@ -13,7 +15,41 @@ from hrem_ray.data.tokenize import CaptionTokenizer
 from hrem_ray.embed import embed_split
 from hrem_ray.eval.encode import similarity
 from hrem_ray.eval.metrics import N_FOLDS, evaluate_fold5, evaluate_sims
+from hrem_ray.fileio import write_atomic
 from hrem_ray.model import HREM
+
+
+def _check_fold5(split: PrecompSplit) -> None:
+    if split.n_images % N_FOLDS:
+        raise ValueError(
+            f"fold5 needs an image count divisible by {N_FOLDS}; "
+            f"{split.caps_path} has {split.n_images} images"
+        )
+
+
+def score(sims: np.ndarray, *, fold5: bool = False) -> dict[str, Any]:
+    """The protocol of docs/evaluation.md on one similarity matrix; with ``fold5`` also
+    the COCO 5-fold 1K average."""
+    result = evaluate_sims(sims)
+    if fold5:
+        result["fold5"] = evaluate_fold5(sims)
+    return result
+
+
+def split_sims(
+    model: HREM,
+    split: PrecompSplit,
+    tokenizer: CaptionTokenizer,
+    *,
+    batch_size: int = 128,
+    device: torch.device | str = "cpu",
+    progress: Callable[[str], None] | None = None,
+) -> np.ndarray:
+    """S = images x captions of ``split``: every image and caption encoded once."""
+    imgs, caps = embed_split(
+        model, split, tokenizer, batch_size=batch_size, device=device, progress=progress
+    )
+    return similarity(imgs, caps)
 
 
 def evaluate_split(
@@ -26,20 +62,77 @@ def evaluate_split(
     fold5: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """The protocol of docs/evaluation.md; with ``fold5`` also the COCO 5-fold 1K average."""
-    if fold5 and split.n_images % N_FOLDS:
-        raise ValueError(
-            f"fold5 needs an image count divisible by {N_FOLDS}; "
-            f"{split.caps_path} has {split.n_images} images"
-        )
-    imgs, caps = embed_split(
+    """``score`` of ``model`` on ``split``."""
+    if fold5:
+        _check_fold5(split)
+    sims = split_sims(
         model, split, tokenizer, batch_size=batch_size, device=device, progress=progress
     )
-    sims = similarity(imgs, caps)
-    result = evaluate_sims(sims)
+    return score(sims, fold5=fold5)
+
+
+def save_sims(path: str | Path, sims: np.ndarray) -> Path:
+    """Write a similarity matrix as .npy, atomically (a reader never sees half a file)."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.save would add ".npy" to a name
+            np.save(f, sims)
+
+    return write_atomic(path, write)
+
+
+def load_sims(path: str | Path, split: PrecompSplit) -> np.ndarray:
+    """A saved matrix, memory-mapped, checked to be ``split``'s [images, captions]."""
+    try:
+        sims = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a saved similarity matrix ({e})") from None
+    want = (split.n_images, split.n_captions)
+    if sims.shape != want:
+        raise ValueError(
+            f"{path}: shape {sims.shape}, but {split.caps_path} needs {want} (images, captions)"
+        )
+    return sims
+
+
+def evaluate_ensemble(
+    checkpoints: Sequence[str | Path],
+    data_path: str | Path,
+    dataset: str,
+    split: str = "test",
+    *,
+    sims_files: Sequence[str | Path] = (),
+    save_to: str | Path | None = None,
+    batch_size: int = 128,
+    device: str = "cpu",
+    fold5: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """``score`` of the mean similarity matrix of the checkpoints and saved matrices
+    (``hrem-ray eval``; one of them: that model alone). Averaging the members' scores is
+    the ensemble of the VSE literature (e.g. VSE-infinity, Chen et al. CVPR 2021).
+    Saved matrices and the split are checked before any model is loaded."""
+    from hrem_ray.checkpoint import load_checkpoint
+
+    if not checkpoints and not sims_files:
+        raise ValueError("nothing to evaluate: give --checkpoint or --sims")
+    data = open_split(data_path, dataset, split)
     if fold5:
-        result["fold5"] = evaluate_fold5(sims)
-    return result
+        _check_fold5(data)
+    saved = [load_sims(f, data) for f in sims_files]
+    total = np.zeros((data.n_images, data.n_captions), dtype=np.float32)
+    for sims in saved:
+        total += sims
+    for checkpoint in checkpoints:
+        ck = load_checkpoint(checkpoint, device=device)
+        tokenizer = CaptionTokenizer.from_dir(ck.backbone_dir, max_tokens=ck.config.data.max_tokens)
+        total += split_sims(
+            ck.model, data, tokenizer, batch_size=batch_size, device=device, progress=progress
+        )
+    total /= len(saved) + len(checkpoints)
+    if save_to is not None:
+        save_sims(save_to, total)
+    return score(total, fold5=fold5)
 
 
 def evaluate_checkpoint(
@@ -47,21 +140,10 @@ def evaluate_checkpoint(
     data_path: str | Path,
     dataset: str,
     split: str = "test",
-    *,
-    batch_size: int = 128,
-    device: str = "cpu",
-    fold5: bool = False,
-    progress: Callable[[str], None] | None = None,
+    **kwargs: Any,
 ) -> dict[str, Any]:
-    """``evaluate_split`` of a saved checkpoint (``hrem-ray eval``); the split is checked
-    before the model is loaded."""
-    from hrem_ray.checkpoint import load_checkpoint
-
-    data = open_split(data_path, dataset, split)
-    ck = load_checkpoint(checkpoint, device=device)
-    tokenizer = CaptionTokenizer.from_dir(ck.backbone_dir, max_tokens=ck.config.data.max_tokens)
-    return evaluate_split(ck.model, data, tokenizer, batch_size=batch_size, device=device,
-                          fold5=fold5, progress=progress)  # fmt: skip
+    """``evaluate_ensemble`` of one saved checkpoint."""
+    return evaluate_ensemble([checkpoint], data_path, dataset, split, **kwargs)
 
 
 def flat_metrics(result: dict[str, Any]) -> dict[str, float]:

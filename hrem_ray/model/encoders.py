@@ -57,14 +57,20 @@ def transformer_encoder(cfg: ModelConfig, num_layers: int) -> nn.TransformerEnco
 
 
 def residual_pool(
-    feats: Tensor, lengths: Tensor, aggr: nn.TransformerEncoder, cfg: ModelConfig
+    feats: Tensor,
+    lengths: Tensor,
+    aggr: nn.TransformerEncoder,
+    cfg: ModelConfig,
+    normalise: bool = True,
 ) -> Tensor:
-    """w * maxk(feats) + (1 - w) * mean(Transformer(feats)), L2-normalised (spec 3.2-3.4)."""
+    """w * maxk(feats) + (1 - w) * mean(Transformer(feats)), L2-normalised unless the run
+    switched it off (``img_norm`` / ``txt_norm``: the authors' no_imgnorm / no_txtnorm)."""
     pad = ~length_mask(lengths, feats.shape[1])
     related = masked_mean(aggr(feats, src_key_padding_mask=pad), lengths)
     pooled = maxk_pool(feats, lengths, cfg.maxk)
     w = cfg.residual_weight
-    return l2norm(w * pooled + (1.0 - w) * related)
+    x = w * pooled + (1.0 - w) * related
+    return l2norm(x) if normalise else x
 
 
 class MLP(nn.Module):
@@ -100,7 +106,7 @@ class FCResidual(nn.Module):
 
 
 class ImageEncoder(nn.Module):
-    """Region features [B, N, img_dim] -> (v [B, D] normalised, H [B, N, D] pre-pool)."""
+    """Region features [B, N, img_dim] -> (v [B, D], normalised by default; H [B, N, D])."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -110,11 +116,11 @@ class ImageEncoder(nn.Module):
 
     def forward(self, images: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         h = self.fc(images)
-        return residual_pool(h, lengths, self.aggr, self.cfg), h
+        return residual_pool(h, lengths, self.aggr, self.cfg, self.cfg.img_norm), h
 
 
 class TextEncoder(nn.Module):
-    """Token ids [B, L] -> (t [B, D] normalised, W [B, L, D] pre-pool)."""
+    """Token ids [B, L] -> (t [B, D], normalised by default; W [B, L, D] pre-pool)."""
 
     def __init__(self, cfg: ModelConfig, bert: BertModel):
         super().__init__()
@@ -126,4 +132,4 @@ class TextEncoder(nn.Module):
     def forward(self, tokens: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         hidden = self.bert(input_ids=tokens, attention_mask=(tokens != 0).long())[0]
         w = self.linear(hidden)
-        return residual_pool(w, lengths, self.aggr, self.cfg), w
+        return residual_pool(w, lengths, self.aggr, self.cfg, self.cfg.txt_norm), w

@@ -72,14 +72,23 @@ def triplet_dw(
     return triplet_from_samples(s, anchor, pos, neg, margin)
 
 
-def vse_hinge(s: Tensor, positives: Tensor, *, margin: float, max_violation: bool) -> Tensor:
-    """VSE++ hinge in both directions around the diagonal; same-image pairs excluded."""
+def vse_hinge(s: Tensor, excluded: Tensor, *, margin: float, max_violation: bool) -> Tensor:
+    """VSE++ hinge in both directions around the diagonal; ``excluded`` pairs (the
+    same-image pairs, or only the diagonal) are never negatives."""
     diag = s.diagonal()
-    cost_caption = (margin + s - diag[:, None]).clamp(min=0).masked_fill(positives, 0.0)
-    cost_image = (margin + s - diag[None, :]).clamp(min=0).masked_fill(positives, 0.0)
+    cost_caption = (margin + s - diag[:, None]).clamp(min=0).masked_fill(excluded, 0.0)
+    cost_image = (margin + s - diag[None, :]).clamp(min=0).masked_fill(excluded, 0.0)
     if max_violation:
         return cost_caption.amax(dim=1).sum() + cost_image.amax(dim=0).sum()
     return cost_caption.sum() + cost_image.sum()
+
+
+def hardest_negative(cfg: ModelConfig, epoch: int | None) -> bool:
+    """VSE++ takes the hardest negative once ``vse_mean_warmup_epochs`` epochs are done:
+    from a random start the hardest negative alone can collapse the embedding, the sum
+    gives every pair a gradient first (the authors' schedule, after VSE-infinity's).
+    ``epoch`` None means past the warm-up."""
+    return cfg.max_violation and (epoch is None or epoch >= cfg.vse_mean_warmup_epochs)
 
 
 def matching_loss(
@@ -87,12 +96,18 @@ def matching_loss(
     t: Tensor,
     image_ids: Tensor,
     cfg: ModelConfig,
+    *,
+    kind: str,
+    epoch: int | None = None,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """L(v, t): the configured base loss over image->text and text->image."""
+    """L(v, t) of loss ``kind`` ('trip' or 'vse') over image->text and text->image."""
     s = v @ t.t()
     positives = same_image(image_ids)
-    if cfg.loss == "vse":
-        return vse_hinge(s, positives, margin=cfg.margin, max_violation=cfg.max_violation)
-    kw = dict(margin=cfg.margin, cutoff=cfg.cutoff, dim=cfg.dw_dim, generator=generator)
+    if kind == "vse":
+        eye = torch.eye(*s.shape, dtype=torch.bool, device=s.device)
+        excluded = positives if cfg.mask_repeat else eye
+        hardest = hardest_negative(cfg, epoch)
+        return vse_hinge(s, excluded, margin=cfg.margin, max_violation=hardest)
+    kw = dict(margin=cfg.margin, cutoff=cfg.resolve_cutoff(), dim=cfg.dw_dim, generator=generator)
     return triplet_dw(s, positives, **kw) + triplet_dw(s.t(), positives.t(), **kw)

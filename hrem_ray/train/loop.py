@@ -70,10 +70,12 @@ def train_step(
     *,
     generator: torch.Generator | None = None,
     gather: Gather | None = None,
+    epoch: int | None = None,
 ) -> dict[str, float] | None:
     """One optimisation step; returns the loss parts, or None when a non-finite loss skipped it.
 
-    ``model`` may be a DDP wrapper; the loss always runs on the bare HREM module.
+    ``model`` may be a DDP wrapper; the loss always runs on the bare HREM module. ``epoch``
+    drives the VSE++ warm-up (None: past it).
     """
     core = getattr(model, "module", model)
     model.train()
@@ -84,7 +86,7 @@ def train_step(
         image_ids = batch.image_ids
         if gather is not None:
             enc, image_ids = gather(enc, image_ids)
-        out = hrem_loss(core, enc, image_ids, iteration, generator)
+        out = hrem_loss(core, enc, image_ids, iteration, generator, epoch=epoch)
     optimizer.zero_grad(set_to_none=True)
     if not torch.isfinite(out.total):
         return None
@@ -116,7 +118,7 @@ def train_epoch(
         wait += time.perf_counter() - tick
         parts = train_step(
             model, batch.to(device), optimizer, state.iteration, cfg,
-            generator=generator, gather=gather,
+            generator=generator, gather=gather, epoch=state.epoch,
         )  # fmt: skip
         if parts is None:
             skipped += 1

@@ -202,3 +202,51 @@ def _check_scheduler(spec: Any) -> dict[str, Any]:
     if out["reduction_factor"] < 2:
         raise SpaceError("'scheduler.reduction_factor' must be >= 2")
     return out
+
+
+# Keys that change a run only through the instance-level relation module: before
+# ``model.warmup`` iterations they have no effect on the loss (docs/sweeps.md).
+RELATION_KNOBS = (
+    "model.mask_weight",
+    "model.num_layers_enc",
+    "model.threshold",
+    "model.frag_topk",
+    "model.frag_min_words",
+    "model.kl_weight",
+    "model.relation_loss",
+    "model.cross_loss",
+    "train.relation_lr_factor",
+)
+
+
+def iterations_per_epoch(cfg: HREMConfig, n_captions: int) -> int:
+    """Training steps per epoch: the last partial batch is dropped."""
+    return n_captions // cfg.train.batch_size
+
+
+def check_relation_knobs_active(space: SearchSpace, cfg: HREMConfig, n_captions: int) -> None:
+    """Refuse a sweep whose searched relation knobs cannot act before ASHA's first cut or
+    before the last epoch: the trials would differ by noise only (docs/sweeps.md)."""
+    knobs = [k for k in space.params if k in RELATION_KNOBS]
+    if not knobs:
+        return
+    warmup = cfg.model.warmup
+    if "model.warmup" in space.params:  # the latest start any trial can get
+        warmup = max(_examples("model.warmup", space.params["model.warmup"]))
+    per_epoch = iterations_per_epoch(cfg, n_captions)
+    start = warmup // per_epoch + 1  # the 1-based epoch whose training first runs it
+    why = (
+        f"the searched relation knob(s) {', '.join(knobs)} act only from epoch {start} "
+        f"(model.warmup={warmup} iterations, {per_epoch} per epoch = {n_captions} captions "
+        f"// batch {cfg.train.batch_size})"
+    )
+    fix = "lower model.warmup, or search other keys (--allow-inactive runs it anyway)"
+    if cfg.train.epochs < start:
+        raise SpaceError(f"{why}, but trials stop after {cfg.train.epochs} epoch(s): raise "
+                         f"--epochs to >= {start}, {fix}")  # fmt: skip
+    grace = space.scheduler.get("grace_period")
+    if space.scheduler["type"] == "asha" and grace < start:
+        raise SpaceError(
+            f"{why}, but ASHA's scheduler.grace_period={grace} cuts trials before that: "
+            f"raise grace_period to >= {start}, {fix}"
+        )

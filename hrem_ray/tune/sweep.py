@@ -33,7 +33,7 @@ from hrem_ray.checkpoint import (
 from hrem_ray.config import HREMConfig
 from hrem_ray.train.ray_train import METRIC, RayRunOptions, build_trainer
 from hrem_ray.train.setup import check_data, check_new_run, resolve_config, run_path
-from hrem_ray.tune.space import SearchSpace
+from hrem_ray.tune.space import SearchSpace, check_relation_knobs_active
 
 CHECKPOINT_PATH = "checkpoint_path"  # key TuneReportCallback adds to the reported metrics
 
@@ -48,6 +48,7 @@ class SweepOptions:
     max_concurrent_trials: int | None = None  # default: what the cluster can hold
     resume: bool = False
     verbose: bool = False  # Tune's own status tables, besides our per-epoch lines
+    allow_inactive: bool = False  # run even if searched relation knobs cannot act in time
 
 
 def concurrency(options: SweepOptions, space: SearchSpace) -> int:
@@ -140,7 +141,9 @@ def run_sweep(
     space.check(cfg)  # before any trial: every value valid on top of this config
     check_new_run(path, options.resume, "sweep")
     cfg = resolve_config(cfg)
-    check_data(cfg, options.num_workers)
+    train = check_data(cfg, options.num_workers)
+    if not options.allow_inactive:
+        check_relation_knobs_active(space, cfg, train.n_captions)
     trial_options = {
         "storage_path": storage.join(path, "trials"),
         "num_workers": options.num_workers,
