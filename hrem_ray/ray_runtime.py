@@ -105,10 +105,15 @@ class LineRelay:
     """
 
     def __init__(self, log: Callable[[str], None]) -> None:
+        import ray
         from ray.util.queue import Queue
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         self.log = log
-        self.queue = Queue(actor_options={"num_cpus": 0})
+        # On the driver's node: a queue on a worker node would die with that node and take
+        # the run with it (a lost node must only cost the epoch in progress).
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._pump, daemon=True)
 

@@ -6,6 +6,7 @@ Import them as ``from tests.helpers import ...``; fixtures live in ``tests/conft
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import signal
 import subprocess
@@ -25,6 +26,7 @@ __all__ = [
     "TINY_MODEL",
     "alive",
     "free_port",
+    "is_loopback",
     "metric_samples",
     "run_err",
     "start_moto",
@@ -60,6 +62,12 @@ def alive(procs: list[psutil.Process]) -> list[psutil.Process]:
         except psutil.NoSuchProcess:
             pass
     return running
+
+
+def is_loopback(ip: str) -> bool:
+    """True for a loopback address, IPv4-mapped ones (``::ffff:127.0.0.1``) included."""
+    address = ipaddress.ip_address(ip)
+    return (getattr(address, "ipv4_mapped", None) or address).is_loopback
 
 
 def run_err(capsys, *argv: str) -> str:

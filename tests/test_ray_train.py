@@ -6,13 +6,12 @@ several times that while other Ray jobs load the machine, hence the wide timeout
 in-process tests share one ``ray.init(address="local", num_cpus=2)``; the job test starts
 (and stops, by process group, never with the machine-wide ``ray stop``) its own cluster on
 free loopback ports with its own temp dir, and runs first, so the two clusters never
-compete for the 2 cores. See ../shared/docs/ray-notes.md.
+compete for the 2 cores. See docs/ray.md.
 """
 
 from __future__ import annotations
 
 import csv
-import ipaddress
 import json
 import os
 import re
@@ -40,7 +39,7 @@ from hrem_ray.data.precomp import open_split
 from hrem_ray.data.synth import write_synthetic
 from hrem_ray.ray_runtime import ENV_DEFAULTS
 from hrem_ray.train.ray_train import RayRunOptions, train_ray
-from tests.helpers import alive
+from tests.helpers import alive, is_loopback
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's ray / hrem-ray
@@ -205,11 +204,6 @@ def _listening(procs: list[psutil.Process]) -> set[str]:
     return addresses
 
 
-def _is_loopback(ip: str) -> bool:
-    address = ipaddress.ip_address(ip)
-    return (getattr(address, "ipv4_mapped", None) or address).is_loopback
-
-
 def _stop_cluster(head: subprocess.Popen, temp_dir: str) -> list[psutil.Process]:
     """Stop exactly the cluster of ``ray start --block`` (``head``); returns what it held.
 
@@ -314,7 +308,7 @@ def test_job_submit_to_started_cluster(synth_data, tiny_bert, tmp_path):
         assert evaluation.returncode == 0, evaluation.stderr[-3000:]
         assert "rsum" in json.loads((tmp_path / "eval.json").read_text())
         listening = _listening(_cluster_processes(head.pid, temp_dir))
-        assert listening and all(_is_loopback(ip) for ip in listening), listening
+        assert listening and all(is_loopback(ip) for ip in listening), listening
     finally:
         procs = _stop_cluster(head, temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)

@@ -209,15 +209,19 @@ def _trial_row(result, params: list[str], epochs: int, runs: str | None = None) 
     Tune's history of a trial that a resumed sweep restarted holds only the epochs run after
     the restart (the trial restarts from Tune's point of view, while its Ray Train run goes on
     from its last checkpoint); the history saved with that run's latest checkpoint has them
-    all. Checkpoints are taken from the run's folder where it is local: only those Ray kept
-    (the best by dev rsum, and the latest) still exist.
+    all. Checkpoints are taken from the run's folder: only those Ray kept (the best by dev
+    rsum, and the latest) still exist. Tune names a checkpoint by its path inside the
+    storage's filesystem (``bucket/...`` for S3), so it is re-rooted at ``runs`` as a URI.
     """
     trial = (result.metrics or {}).get("trial_id") or _trial_id(result.path, runs)
     per_epoch: dict[int, tuple[float, str | None]] = {}  # epoch -> (rsum, checkpoint)
     frame = result.metrics_dataframe
     if frame is not None and METRIC in frame and "epoch" in frame:
         for _, row in frame.dropna(subset=[METRIC]).iterrows():
-            per_epoch[int(row["epoch"])] = (float(row[METRIC]), row.get(CHECKPOINT_PATH))
+            raw = row.get(CHECKPOINT_PATH)
+            raw = raw if isinstance(raw, str) and raw else None  # NaN in epochs without one
+            where = storage.join(runs, trial, Path(raw).name) if runs and raw else raw
+            per_epoch[int(row["epoch"])] = (float(row[METRIC]), where)
     if runs is not None:
         kept = _kept_checkpoints(storage.join(runs, trial))
         # restarted by a resume: Tune has the epochs since the restart (or none, when the

@@ -1,0 +1,415 @@
+"""A real two-node Ray cluster on this machine, with S3 as the only shared storage.
+
+The head node has no CPUs and the worker node has them all, so no Train worker runs on the
+driver's node; an S3 server (moto) holds every run, sweep, checkpoint and gallery. All of it,
+clients included, runs in a network namespace that holds only loopback, set up by
+tests/cluster_node.py (why: docs/cluster.md, "Testing"); pytest stays outside and sends each
+client command (``ray job submit``, ``hrem-ray eval``, ...) to that process to run. The data
+and the tiny BERT are local folders here: on a real cluster these paths must exist on every
+node (docs/cluster.md); the worker node is on this machine, so they do.
+
+One cluster for the module; the tests run in file order, the lost-node test last because it
+replaces the worker node, and serving reads the training test's checkpoint. Ray token auth is
+on, as on a real cluster. Measured at a load average of 8-12 on 2 cores: start-up 43 s,
+train + eval 120 s, bad input 32 s, tune 171 s (to its failure), serve 49 s, lost node 233 s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from hrem_ray.data.precomp import open_split
+from hrem_ray.data.synth import write_synthetic
+from tests.helpers import alive, is_loopback
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+WORKERS = 2
+BATCH = 16  # global batch: 8 rows per worker
+TRAIN_IMAGES = 60  # x 5 captions = 300 pairs: 18 steps per epoch with 2 workers
+SETS = [
+    "model.img_dim=24",
+    "model.embed_size=32",
+    "model.num_heads=4",
+    "model.ff_dim=32",
+    "model.mlp_hidden=16",
+    "model.warmup=5",
+    f"train.batch_size={BATCH}",
+]
+# the job uploads the code only (.gitignore keeps the rest out; these make it explicit)
+EXCLUDES = [".git", ".venv", "*.egg-info", "**/__pycache__", ".pytest_cache", ".ruff_cache",
+            "runs", "data", "work"]  # fmt: skip
+TIMES: dict[str, float] = {}
+
+
+class Namespace:
+    """The client side of tests/cluster_node.py: one JSON line out, one back."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.proc = subprocess.Popen(
+            ["unshare", "-n", "bash", "-c",
+             f"ip link set lo up && exec {sys.executable} -m tests.cluster_node {root}"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True,
+        )  # fmt: skip
+        self.host_net = os.readlink("/proc/self/ns/net")
+        self._lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def wait_ready(self, timeout: float) -> None:
+        first = self._reply(timeout)
+        assert "ready" in first, first
+        self.info = first["ready"]
+        assert self.net != self.host_net
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self._lines.put(line)
+
+    def _reply(self, timeout: float) -> dict:
+        try:
+            return json.loads(self._lines.get(timeout=timeout))
+        except queue.Empty:
+            raise TimeoutError(f"cluster_node: no answer in {timeout} s") from None
+
+    def call(self, timeout: float = 60, **cmd) -> dict:
+        self.proc.stdin.write(json.dumps({**cmd, "timeout": timeout}) + "\n")
+        self.proc.stdin.flush()
+        return self._reply(timeout + 30)
+
+    def run(self, *argv: str, timeout: float = 120, env: dict | None = None) -> dict:
+        return self.call(timeout, op="run", argv=list(argv), env=env or {})
+
+    def python(self, code: str, timeout: float = 60) -> dict:
+        return self.run(sys.executable, "-c", code, timeout=timeout)
+
+    @property
+    def net(self) -> str:
+        return os.readlink(f"/proc/{self.proc.pid}/ns/net")
+
+    def processes(self) -> list[psutil.Process]:
+        """Every process in this namespace (all of them ours: nothing else can enter it)."""
+        if self.proc.poll() is not None:
+            return []
+        net, found = self.net, []
+        for p in psutil.process_iter():
+            if _net(p) == net and p.pid != self.proc.pid:
+                found.append(p)
+        return found
+
+    def close(self) -> list[psutil.Process]:
+        """End of input: the helper stops its process groups. Whatever is still in the
+        namespace 60 s later (say, a job driver in a session of its own) gets SIGKILL."""
+        procs = [p for p in self.processes() if self.net != self.host_net]
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        psutil.wait_procs(alive(procs), timeout=60)
+        for p in alive(procs):
+            p.kill()
+        psutil.wait_procs(alive(procs), timeout=10)
+        return procs
+
+
+@pytest.fixture(scope="module")
+def ns(tiny_bert):
+    root = Path(tempfile.mkdtemp(prefix="hc-", dir="/tmp"))  # short: Ray's unix sockets
+    write_synthetic(
+        root / "data", train_images=TRAIN_IMAGES, dev_images=10, test_images=10, regions=6,
+        dim=24, progress=None,
+    )  # fmt: skip
+    start = time.monotonic()
+    space = Namespace(root)
+    space.bert = tiny_bert
+    try:
+        space.wait_ready(timeout=240)
+        TIMES["start-up"] = time.monotonic() - start
+        yield space
+    finally:
+        procs = space.close()
+        leftovers = alive(procs)
+        shutil.rmtree(root, ignore_errors=True)
+        print("\ncluster test times (s):", json.dumps({k: round(v) for k, v in TIMES.items()}))
+        assert not leftovers, leftovers
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _train_argv(ns: Namespace, storage: str, name: str, epochs: int, *extra: str) -> list[str]:
+    return [
+        "--data-path", str(ns.root / "data"), "--dataset", "f30k", "--bert-path", ns.bert,
+        "--epochs", str(epochs), "--num-workers", str(WORKERS), "--cpus-per-worker", "0.5",
+        "--storage-path", storage, "--name", name, *extra,
+        *[x for s in SETS for x in ("--set", s)],
+    ]  # fmt: skip
+
+
+def _submit(ns: Namespace, script: str, *args: str) -> list[str]:
+    """``ray job submit`` of ``jobs/<script>`` to the head's dashboard on loopback, with the
+    S3 settings passed to the job as env_vars (a real cluster gets them from its instance
+    profile, docs/cluster.md)."""
+    aws = {k: v for k, v in ns.info["env"].items() if k.startswith("AWS_")}
+    runtime_env = {"env_vars": aws, "excludes": EXCLUDES}
+    return [
+        str(BIN / "ray"), "job", "submit", "--address",
+        f"http://127.0.0.1:{ns.info['dashboard']}", "--working-dir", str(REPO),
+        "--runtime-env-json", json.dumps(runtime_env), "--",
+        "python", f"jobs/{script}", *args,
+    ]  # fmt: skip
+
+
+def _best_uri(out: str) -> str:
+    best = re.findall(r"^best checkpoint: (\S+)\s*$", out, flags=re.MULTILINE)
+    assert best, out[-4000:]
+    return best[-1]
+
+
+def _s3_keys(ns: Namespace, prefix: str) -> list[str]:
+    code = (
+        "import boto3, json; s3 = boto3.client('s3'); pages = s3.get_paginator("
+        f"'list_objects_v2').paginate(Bucket={ns.info['bucket']!r}, Prefix={prefix!r}); "
+        "print(json.dumps([o['Key'] for p in pages for o in p.get('Contents', [])]))"
+    )
+    r = ns.python(code)
+    assert r["rc"] == 0, r["err"][-2000:]
+    return json.loads(r["out"])
+
+
+def _s3_text(ns: Namespace, key: str) -> str:
+    code = (
+        f"import boto3, sys; sys.stdout.write(boto3.client('s3').get_object(Bucket="
+        f"{ns.info['bucket']!r}, Key={key!r})['Body'].read().decode())"
+    )
+    r = ns.python(code)
+    assert r["rc"] == 0, r["err"][-2000:]
+    return r["out"]
+
+
+def _checkpoint_epochs(ns: Namespace, run: str) -> list[int]:
+    """The epoch recorded in each of the run's Ray checkpoint folders in the bucket."""
+    folder = re.compile(rf"^{run}/checkpoint_[^/]+/config\.json$")  # not backbone/config.json
+    keys = [k for k in _s3_keys(ns, f"{run}/checkpoint_") if folder.match(k)]
+    return sorted(json.loads(_s3_text(ns, k))["meta"]["epoch"] for k in keys)
+
+
+def _net(p: psutil.Process) -> str | None:
+    try:
+        return os.readlink(f"/proc/{p.pid}/ns/net")
+    except OSError:  # gone meanwhile
+        return None
+
+
+def _no_local_s3_folder(ns: Namespace) -> None:
+    """An ``s3://`` path treated as a local one leaves an ``s3:`` folder in the cwd."""
+    here = [REPO, ns.root, *ns.root.glob("ray/session_*/runtime_resources/working_dir_files/*")]
+    assert not [p / "s3:" for p in here if (p / "s3:").exists()]
+
+
+# --------------------------------------------------------------------------- tests
+
+
+@pytest.mark.timeout(600)
+def test_train_job_to_s3_then_eval(ns):
+    """``ray job submit`` of jobs/train.py to the two-node cluster, 2 epochs, 2 workers on
+    the worker node, everything written to the bucket; ``hrem-ray eval`` of the printed URI.
+    Every listening socket of the cluster is on loopback, inside the namespace."""
+    start = time.monotonic()
+    job = ns.run(*_submit(ns, "train.py", *_train_argv(ns, "s3://hrem/runs", "job", 2)),
+                 timeout=420)  # fmt: skip
+    out = job["out"] + job["err"]
+    assert job["rc"] == 0 and "succeeded" in out, out[-4000:]
+    best = _best_uri(out)
+    assert best == "s3://hrem/runs/job/best", best
+
+    keys = _s3_keys(ns, "runs/job/")
+    for name in ("metrics.json", "metrics.csv", "curves.png", "best/model.safetensors",
+                 "best/config.json"):  # fmt: skip
+        assert f"runs/job/{name}" in keys, keys
+    assert any(k.startswith("runs/job/tensorboard/events.out.tfevents") for k in keys), keys
+    history = json.loads(_s3_text(ns, "runs/job/metrics.json"))
+    assert [row["epoch"] for row in history] == [0, 1]
+    steps = open_split(ns.root / "data", "f30k", "train").n_captions // BATCH
+    assert all(row["steps"] == steps for row in history)
+    _no_local_s3_folder(ns)
+
+    ev = ns.run(str(BIN / "hrem-ray"), "eval", "--checkpoint", best, "--data-path",
+                str(ns.root / "data"), "--dataset", "f30k", "--split", "test", "--json",
+                str(ns.root / "eval.json"), timeout=180)  # fmt: skip
+    assert ev["rc"] == 0, ev["err"][-3000:]
+    assert 0 <= json.loads((ns.root / "eval.json").read_text())["rsum"] <= 600
+
+    # sockets as the namespace sees them (psutil reads the caller's /proc/net)
+    code = ("import json, psutil; print(json.dumps(sorted({c.laddr.ip for c in "
+            "psutil.net_connections('inet') if c.status == 'LISTEN'})))")  # fmt: skip
+    listening = ns.python(code)
+    assert listening["rc"] == 0, listening["err"][-2000:]
+    assert all(is_loopback(ip) for ip in json.loads(listening["out"])), listening["out"]
+    # nothing we started left the namespace (a process listening outside it would have)
+    started = psutil.Process(ns.proc.pid).children(recursive=True)
+    assert len(started) > 5 and {_net(p) for p in started} <= {ns.net, None}
+    TIMES["train+eval"] = time.monotonic() - start
+
+
+@pytest.mark.timeout(300)
+def test_bad_storage_is_one_line_before_training(ns):
+    """An unreachable endpoint, a missing bucket, wrong credentials (jobs/train.py, as the
+    job runs it) and a URI with no checkpoint (eval): exit 2 and one error line naming the
+    URI, and nothing trained or written."""
+    start = time.monotonic()
+    closed = ns.python("from hrem_ray.ray_runtime import free_port; print(free_port())")
+    wrong = {"AWS_ACCESS_KEY_ID": "wrong", "AWS_SECRET_ACCESS_KEY": "wrong",
+             "AWS_ENDPOINT_URL": ns.info["strict"]}  # fmt: skip
+    cases = [
+        ("s3://hrem/bad", {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{closed['out'].strip()}"},
+         "cannot reach"),
+        ("s3://no-such-bucket/runs", {}, "no such bucket"),
+        ("s3://hrem/bad", wrong, "access denied"),
+    ]  # fmt: skip
+    address = f"127.0.0.1:{ns.info['gcs']}"
+    for uri, env, why in cases:
+        r = ns.run(sys.executable, "jobs/train.py", *_train_argv(ns, uri, "bad", 1),
+                   "--address", address, env=env, timeout=120)  # fmt: skip
+        _assert_one_line(r, "train", uri, why)
+        assert "epoch" not in r["out"], r["out"]
+    r = ns.run(str(BIN / "hrem-ray"), "eval", "--checkpoint", "s3://hrem/runs/none",
+               "--data-path", str(ns.root / "data"), "--dataset", "f30k", "--split", "test",
+               timeout=120)  # fmt: skip
+    _assert_one_line(r, "eval", "s3://hrem/runs/none", "no checkpoint")
+    assert _s3_keys(ns, "bad") == []
+    TIMES["bad input"] = time.monotonic() - start
+
+
+def _assert_one_line(r: dict, command: str, uri: str, why: str) -> None:
+    assert r["rc"] == 2, (r["rc"], r["err"][-3000:])
+    assert "Traceback" not in r["err"], r["err"][-3000:]
+    errors = [line for line in r["err"].splitlines() if line.startswith("hrem-ray")]
+    assert len(errors) == 1, r["err"][-3000:]
+    assert errors[0].startswith(f"hrem-ray {command}: error: "), errors
+    assert uri in errors[0] and why in errors[0], errors[0]
+
+
+@pytest.mark.timeout(600)
+def test_tune_sweep_to_s3(ns):
+    """A 2-trial sweep submitted as a job: trials.json and best/ in the bucket, the printed
+    best checkpoint under the sweep, and no local ``s3:`` folder."""
+    start = time.monotonic()
+    args = [
+        "--space", "tune_spaces/default.yaml", "--num-samples", "2",
+        "--max-concurrent-trials", "2", "--data-path", str(ns.root / "data"),
+        "--dataset", "f30k", "--bert-path", ns.bert, "--epochs", "1", "--num-workers", "1",
+        "--cpus-per-worker", "0.5",
+        "--storage-path", "s3://hrem/sweeps", "--name", "sweep",
+        *[x for s in SETS for x in ("--set", s)],
+    ]  # fmt: skip
+    job = ns.run(*_submit(ns, "tune.py", *args), timeout=480)
+    out = job["out"] + job["err"]
+    assert job["rc"] == 0 and "succeeded" in out, out[-4000:]
+    assert _best_uri(out).startswith("s3://hrem/sweeps/sweep/"), out[-2000:]
+    keys = _s3_keys(ns, "sweeps/sweep/")
+    assert "sweeps/sweep/trials.json" in keys and "sweeps/sweep/best/config.json" in keys, keys
+    assert len(json.loads(_s3_text(ns, "sweeps/sweep/trials.json"))) == 2
+    _no_local_s3_folder(ns)
+    TIMES["tune"] = time.monotonic() - start
+
+
+@pytest.mark.timeout(420)
+def test_serve_from_s3(ns):
+    """``hrem-ray index`` into the bucket, then ``hrem-ray serve`` of the s3 checkpoint and
+    gallery on the cluster answers a text query with the gallery's best images."""
+    start = time.monotonic()
+    best = "s3://hrem/runs/job/best"  # written by test_train_job_to_s3_then_eval
+    idx = ns.run(str(BIN / "hrem-ray"), "index", "--checkpoint", best, "--data-path",
+                 str(ns.root / "data"), "--dataset", "f30k", "--split", "test", "--out",
+                 "s3://hrem/gallery", timeout=180)  # fmt: skip
+    assert idx["rc"] == 0, idx["err"][-3000:]
+    port = ns.python("from hrem_ray.ray_runtime import free_port; print(free_port())")["out"]
+    port = int(port)
+    ns.call(op="spawn", name="serve", argv=[
+        str(BIN / "hrem-ray"), "serve", "--checkpoint", best, "--gallery", "s3://hrem/gallery",
+        "--port", str(port), "--max-replicas", "1", "--address", f"127.0.0.1:{ns.info['gcs']}",
+    ])  # fmt: skip
+    try:
+        code = f"""
+import json, time, urllib.request
+deadline = time.monotonic() + 240
+while True:
+    try:
+        urllib.request.urlopen("http://127.0.0.1:{port}/readyz", timeout=5).close()
+        break
+    except OSError:
+        assert time.monotonic() < deadline, "not ready"
+        time.sleep(1)
+req = urllib.request.Request("http://127.0.0.1:{port}/search/text", method="POST",
+    data=json.dumps({{"query": "a dog", "k": 3}}).encode(),
+    headers={{"content-type": "application/json"}})
+print(urllib.request.urlopen(req, timeout=30).read().decode())
+"""
+        r = ns.python(code, timeout=300)
+        log = (ns.root / "serve.log").read_text()[-3000:]
+        assert r["rc"] == 0, r["err"][-2000:] + log
+        results = json.loads(r["out"])["results"]
+        ids, scores = [h["id"] for h in results], [h["score"] for h in results]
+        assert len(set(ids)) == 3 and all(isinstance(i, int) for i in ids), results
+        assert scores == sorted(scores, reverse=True), results
+    finally:
+        ns.call(op="stop", name="serve")
+    TIMES["serve"] = time.monotonic() - start
+
+
+@pytest.mark.timeout(600)
+def test_lost_worker_node_resumes_from_s3(ns):
+    """The worker node's process group SIGKILLed once the first checkpoint is in the bucket,
+    a fresh worker node started: the run resumes from that checkpoint and finishes, with
+    each epoch recorded once. The epochs lost are the steps trained twice (rank 0 logs every
+    step), counted and printed."""
+    start = time.monotonic()
+    epochs = 3
+    argv = _submit(ns, "train.py", *_train_argv(
+        ns, "s3://hrem/runs", "lost", epochs, "--max-failures", "2",
+        "--set", "train.log_every=1"))  # fmt: skip
+    ns.call(op="spawn", name="lost", argv=argv)
+    log = ns.root / "lost.log"
+    deadline = time.monotonic() + 360
+    while not _s3_keys(ns, "runs/lost/checkpoint_manager_snapshot.json"):
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(1)
+    assert ns.call(op="kill_worker")["survivors"] == []  # the whole node is gone
+    ns.call(op="start_worker", timeout=180)
+    rc = ns.call(op="wait", name="lost", timeout=400)["rc"]
+    out = log.read_text()
+    assert rc == 0 and "succeeded" in out, out[-4000:]
+    assert _best_uri(out) == "s3://hrem/runs/lost/best"
+
+    history = json.loads(_s3_text(ns, "runs/lost/metrics.json"))
+    assert [row["epoch"] for row in history] == list(range(epochs))
+    steps = open_split(ns.root / "data", "f30k", "train").n_captions // BATCH
+    assert sum(row["steps"] for row in history) == epochs * steps
+    epochs_in_s3 = _checkpoint_epochs(ns, "runs/lost")
+    assert len(epochs_in_s3) == len(set(epochs_in_s3)), epochs_in_s3
+
+    done = re.findall(r"epoch (\d+) step (\d+) iter", out)
+    assert len(set(done)) == epochs * steps  # every step of every epoch ran
+    redone = len(done) - len(set(done))
+    assert redone <= steps, redone  # at most the epoch in progress at the kill
+    TIMES["epochs lost"] = redone / steps
+    print(f"\nlost node: {redone} steps trained twice = {redone / steps:.2f} epochs lost")
+    TIMES["lost node"] = time.monotonic() - start
