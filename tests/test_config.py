@@ -1,4 +1,4 @@
-"""Config defaults (the spec recipe), YAML + --set loading, type checks and validation."""
+"""Config defaults (the paper's recipe), YAML + --set loading, type checks and validation."""
 
 from __future__ import annotations
 

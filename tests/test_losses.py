@@ -1,4 +1,4 @@
-"""Losses of spec section 6 against naive per-pair computations."""
+"""Losses of docs/method.md §5 against naive per-pair computations."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Metrics and encode helpers checked against plain, spec-worded reference computations."""
+"""Metrics and encode helpers checked against plain reference computations."""
 
 from __future__ import annotations
 

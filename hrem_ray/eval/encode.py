@@ -1,4 +1,4 @@
-"""Encode a whole split into an id-ordered embedding matrix, and score it (docs/evaluation.md)."""
+"""Encode a whole split into an id-ordered embedding matrix, and score it (docs/method.md §7)."""
 
 from __future__ import annotations
 

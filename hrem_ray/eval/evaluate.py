@@ -28,7 +28,7 @@ def _check_fold5(split: PrecompSplit) -> None:
 
 
 def score(sims: np.ndarray, *, fold5: bool = False) -> dict[str, Any]:
-    """The protocol of docs/evaluation.md on one similarity matrix; with ``fold5`` also
+    """The protocol of docs/method.md §7 on one similarity matrix; with ``fold5`` also
     the COCO 5-fold 1K average."""
     result = evaluate_sims(sims)
     if fold5:

@@ -1,4 +1,4 @@
-"""Image-text retrieval metrics (spec section 8), vectorised and memory-bounded.
+"""Image-text retrieval metrics (docs/method.md §7), vectorised and memory-bounded.
 
 A rank is the number of candidates scoring strictly higher than the ground truth. Both
 directions are counted in one pass over cache-sized row chunks: no per-query loop or sort, and

@@ -1,4 +1,4 @@
-"""The two towers of HREM (spec sections 3-4): region features -> v, tokens -> t.
+"""The two towers of HREM (docs/method.md §2-3): region features -> v, tokens -> t.
 
 Module and parameter names mirror the authors' released checkpoints
 (``fc.fc``, ``fc.mlp.layers``, ``fc.mlp.bns``, ``aggr.layers.0``, ``bert``, ``linear``)
@@ -44,7 +44,7 @@ def masked_mean(x: Tensor, lengths: Tensor) -> Tensor:
 
 
 def transformer_encoder(cfg: ModelConfig, num_layers: int) -> nn.TransformerEncoder:
-    """Post-LN encoder layers with the spec's sizes; nested tensors off for exact padding."""
+    """Post-LN encoder layers with the paper's sizes; nested tensors off for exact padding."""
     layer = nn.TransformerEncoderLayer(
         d_model=cfg.embed_size,
         nhead=cfg.num_heads,

@@ -1,4 +1,4 @@
-"""Matching losses of HREM (spec section 6). All of them are sums, not means.
+"""Matching losses of HREM (docs/method.md §5). All of them are sums, not means.
 
 ``S`` is an [anchors, candidates] similarity matrix of normalised embeddings and
 ``positives`` marks pairs showing the same image (the diagonal included).

@@ -1,4 +1,4 @@
-"""Optimiser and learning-rate schedule of the HREM recipe (spec section 7)."""
+"""Optimiser and learning-rate schedule of the HREM recipe (docs/method.md §6)."""
 
 from __future__ import annotations
 
