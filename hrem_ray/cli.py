@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hrem_ray.fileio import write_atomic, write_text_atomic
+from hrem_ray.fileio import write_atomic
 from hrem_ray.index.ivf import DEFAULT_NPROBE
 
 # One line per problem a user can fix; anything else is a bug and keeps its traceback.
@@ -118,13 +118,14 @@ def cmd_embed(a: argparse.Namespace) -> None:
 
 
 def cmd_eval(a: argparse.Namespace) -> None:
-    from hrem_ray.eval.evaluate import evaluate_checkpoint
+    from hrem_ray.eval.evaluate import evaluate_ensemble
     from hrem_ray.eval.metrics import format_table
 
     start = time.perf_counter()
-    result = evaluate_checkpoint(
-        a.checkpoint, a.data_path, a.dataset, a.split, batch_size=a.batch_size,
-        device=a.device, fold5=a.fold5, progress=_log,
+    result = evaluate_ensemble(
+        a.checkpoint or [], a.data_path, a.dataset, a.split, sims_files=a.sims or [],
+        save_to=a.save_sims, batch_size=a.batch_size, device=a.device, fold5=a.fold5,
+        progress=_log,
     )  # fmt: skip
     _log(f"{a.dataset} {a.split} ({time.perf_counter() - start:.1f}s)")
     _log(format_table(result))
@@ -132,7 +133,9 @@ def cmd_eval(a: argparse.Namespace) -> None:
         _log("5-fold 1K average:")
         _log(format_table(result["fold5"]))
     if a.json:
-        write_text_atomic(a.json, json.dumps(result, indent=2))
+        from hrem_ray import storage
+
+        storage.write_text(a.json, json.dumps(result, indent=2))  # a local path or a URI
 
 
 def cmd_index(a: argparse.Namespace) -> None:
@@ -147,12 +150,16 @@ def cmd_index(a: argparse.Namespace) -> None:
 
 def cmd_serve(a: argparse.Namespace) -> None:
     from hrem_ray.ray_runtime import init_ray
+    from hrem_ray.serving.api import check_api_key
     from hrem_ray.serving.app import run_service, wait_until_interrupted
 
+    api_key = a.api_key or os.environ.get("HREM_API_KEY")
+    if api_key:
+        check_api_key(api_key)  # before the minutes of starting Ray
     init_ray(a.address, verbose=a.verbose)
     url = run_service(
         a.checkpoint, a.gallery, host=a.host, port=a.port,
-        api_key=a.api_key or os.environ.get("HREM_API_KEY"), max_replicas=a.max_replicas,
+        api_key=api_key, max_replicas=a.max_replicas,
     )  # fmt: skip
     _log(f"serving on {url} (search page at {url}/, API docs at {url}/docs); Ctrl-C stops")
     try:
@@ -166,9 +173,11 @@ def cmd_serve(a: argparse.Namespace) -> None:
 def cmd_train(a: argparse.Namespace) -> None:
     cfg = _config(a)
     if a.local:
+        from hrem_ray import storage
         from hrem_ray.train.local import train_local
 
-        best = train_local(cfg, Path(a.storage_path) / a.name, resume=a.resume, device=a.device)
+        run = storage.join(a.storage_path, a.name)
+        best = train_local(cfg, run, resume=a.resume, device=a.device)
     else:
         from hrem_ray.ray_runtime import init_ray
         from hrem_ray.train.ray_train import RayRunOptions, train_ray
@@ -199,7 +208,7 @@ def cmd_tune(a: argparse.Namespace) -> None:
     options = SweepOptions(
         storage_path=a.storage_path, name=a.name, num_workers=a.num_workers, use_gpu=a.use_gpu,
         cpus_per_worker=a.cpus_per_worker, max_concurrent_trials=a.max_concurrent_trials,
-        resume=a.resume, verbose=a.verbose,
+        resume=a.resume, verbose=a.verbose, allow_inactive=a.allow_inactive,
     )  # fmt: skip
     init_ray(a.address, verbose=a.verbose)
     summary = run_sweep(cfg, space, options, log=_log)
@@ -218,6 +227,17 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, repeatable")
     p.add_argument("--bert-path", help="backbone folder (default: offline MiniLM)")
     p.add_argument("--seed", type=int)
+
+
+def _add_split_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-path", required=True, help="data root holding <dataset>_precomp/")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--split", default="test")
+
+
+def _add_encode_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch-size", type=int, default=128, help="rows encoded at a time")
+    p.add_argument("--device", default="cpu")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -273,30 +293,28 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--images", help=".npy of [n, regions, img_dim] features")
     src.add_argument("--captions", help="text file, one caption per line")
     p.add_argument("--out", required=True, help=".npy of [n, D] float32")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--device", default="cpu")
+    _add_encode_flags(p)
     p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("eval", help="R@K, medr, meanr, rsum on a precomp split")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--data-path", required=True)
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--split", default="test")
+    p.add_argument(
+        "--checkpoint", action="append",
+        help="a model; repeat it to evaluate the ensemble (the mean similarity matrix)",
+    )  # fmt: skip
+    p.add_argument("--sims", nargs="+", metavar="FILE", help="saved matrices to average in")
+    p.add_argument("--save-sims", metavar="FILE", help="save the (mean) similarity matrix, .npy")
+    _add_split_flags(p)
     p.add_argument("--fold5", action="store_true", help="also the COCO 5-fold 1K average")
     p.add_argument("--json", help="write the metrics here")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--device", default="cpu")
+    _add_encode_flags(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("index", help="encode a split once into a searchable gallery")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--data-path", required=True)
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--split", default="test")
+    _add_split_flags(p)
     p.add_argument("--out", required=True, help="gallery folder")
     p.add_argument("--dtype", choices=["float32", "float16"], default="float32")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--device", default="cpu")
+    _add_encode_flags(p)
     p.add_argument(
         "--ivf", type=int, default=0, metavar="NLIST",
         help="also train FAISS IVF indexes with NLIST lists, for ~1M+ items (needs "
@@ -348,6 +366,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage-path", default="runs")
     p.add_argument("--name", default="sweep")
     p.add_argument("--resume", action="store_true", help="continue the sweep named --name")
+    p.add_argument(
+        "--allow-inactive", action="store_true",
+        help="run even if searched relation knobs act only after ASHA's first cut (docs/sweeps.md)",
+    )  # fmt: skip
     p.add_argument("--num-workers", type=int, default=1, help="Ray Train workers per trial")
     p.add_argument("--use-gpu", action="store_true")
     p.add_argument("--cpus-per-worker", type=float, default=1.0)

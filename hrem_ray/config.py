@@ -34,7 +34,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """Architecture and loss of HREM (spec sections 3-6)."""
+    """Architecture and loss of HREM (docs/method.md §2-5)."""
 
     bert_path: str = ""  # folder with config.json + vocab.txt (+ weights when pretrained)
     img_dim: int = 2048
@@ -51,17 +51,49 @@ class ModelConfig:
     threshold: float = 0.5  # k_B = int(B * threshold) connections per node
     frag_topk: int = 10  # top-k fragment maxima fed to the cross-modal MLPs
     frag_min_words: int = 10  # words used per caption: max(len, frag_min_words)
+    frag_chunk: int = 0  # captions scored at once (docs/global-batch.md); 0: from a budget
     kl_weight: float = 10.0
     warmup: int = 8000  # iterations before the relation module is switched on
-    # base loss
-    loss: str = "trip"  # "trip" (distance-weighted triplet) or "vse" (VSE++ hinge)
+    cross_loss: bool = True  # the relation terms include L(v, t^) and L(v^, t)
+    img_norm: bool = True  # L2-normalise the image embedding (authors' no_imgnorm inverted)
+    txt_norm: bool = True  # L2-normalise the caption embedding (no_txtnorm inverted)
+    # losses: "trip" (distance-weighted triplet) or "vse" (VSE++ hinge); base is L(v, t),
+    # relation the relation-enhanced terms. The key ``model.loss`` sets both.
+    base_loss: str = "trip"
+    relation_loss: str = "trip"
     margin: float = 0.2
-    cutoff: float = 1.7  # distance cut-off of the negative sampler (1.9 on coco)
+    cutoff: float | None = None  # negative sampler's distance cut-off; null: 1.9 coco, else 1.7
     dw_dim: int = 512  # d of the distance-weighted sampler
-    max_violation: bool = True  # VSE++: hardest negative only
+    max_violation: bool = True  # VSE++: hardest negative, once vse_mean_warmup_epochs are done
+    vse_mean_warmup_epochs: int = 1  # VSE++ sums over all negatives for this many epochs
+    mask_repeat: bool = True  # VSE++: other captions of the same image are not negatives
+
+    @property
+    def loss(self) -> str:
+        """The older single loss key: both losses, when they agree."""
+        if self.base_loss != self.relation_loss:
+            raise ConfigError(
+                f"model.loss is ambiguous: base_loss={self.base_loss!r}, "
+                f"relation_loss={self.relation_loss!r}"
+            )
+        return self.base_loss
+
+    @loss.setter
+    def loss(self, kind: str) -> None:
+        self.base_loss = self.relation_loss = kind
+
+    def resolve_cutoff(self, dataset: str = "f30k") -> float:
+        """``cutoff``, or when null the authors' value for ``dataset`` (1.9 coco, else 1.7);
+        a model config on its own counts as the default dataset."""
+        if self.cutoff is not None:
+            return self.cutoff
+        return 1.9 if dataset == "coco" else 1.7
 
     def validate(self) -> None:
-        _check(self.loss in ("trip", "vse"), "model.loss", "must be 'trip' or 'vse'")
+        for key in ("base_loss", "relation_loss"):
+            _check(getattr(self, key) in ("trip", "vse"), f"model.{key}", "must be 'trip' or 'vse'")
+        _check(self.cutoff is None or self.cutoff > 0, "model.cutoff", "must be > 0 or null")
+        _check(self.vse_mean_warmup_epochs >= 0, "model.vse_mean_warmup_epochs", "must be >= 0")
         _check(
             self.embed_size % self.num_heads == 0,
             "model.embed_size",
@@ -74,12 +106,13 @@ class ModelConfig:
         _check(self.maxk >= 1 and self.frag_topk >= 1, "model.maxk", "maxk/frag_topk must be >= 1")
         _check(self.margin >= 0.0, "model.margin", "must be >= 0")
         _check(self.warmup >= 0, "model.warmup", "must be >= 0")
+        _check(self.frag_chunk >= 0, "model.frag_chunk", "must be >= 0 (0: automatic)")
         _check(self.kl_weight >= 0.0, "model.kl_weight", "must be >= 0")
 
 
 @dataclass
 class DataConfig:
-    """Where the precomp features live and how captions become tokens (spec sections 1-2)."""
+    """Where the precomp features live and how captions become tokens (docs/data.md)."""
 
     data_path: str = "data"
     dataset: str = "f30k"  # folder <data_path>/<dataset>_precomp
@@ -97,7 +130,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimisation recipe (spec section 7)."""
+    """Optimisation recipe (docs/method.md §6)."""
 
     epochs: int = 30
     batch_size: int = 128  # global batch: split across workers in distributed runs
@@ -140,6 +173,8 @@ class HREMConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> HREMConfig:
+        """Check every section; resolve a null ``model.cutoff`` from the dataset, once."""
+        self.model.cutoff = self.model.resolve_cutoff(self.data.dataset)
         self.model.validate()
         self.data.validate()
         self.train.validate()
@@ -167,6 +202,10 @@ class HREMConfig:
 
     def set(self, dotted: str, value: Any) -> None:
         """Set ``section.key`` to ``value`` (a string is parsed as YAML), checking the type."""
+        if dotted in _ALIASES:
+            for target in _ALIASES[dotted]:
+                self.set(target, value)
+            return
         section_name, _, key = dotted.partition(".")
         section = getattr(self, section_name, None)
         if not dataclasses.is_dataclass(section) or not key:
@@ -176,7 +215,13 @@ class HREMConfig:
             raise ConfigError(f"unknown config key '{dotted}'")
         if isinstance(value, str) and fields[key].type != "str":
             value = yaml.safe_load(value)
-        setattr(section, key, _coerce(dotted, getattr(section, key), value))
+        current = getattr(section, key)
+        if fields[key].type.endswith("| None"):
+            if value is None:
+                setattr(section, key, None)
+                return
+            current = _PROTOTYPES[fields[key].type]
+        setattr(section, key, _coerce(dotted, current, value))
 
     def to_flags(self) -> list[str]:
         """The ``hrem-ray`` flags that rebuild this config from the defaults: a dedicated
@@ -184,6 +229,7 @@ class HREMConfig:
         prints its commands with these, so the line shown is the config that ran."""
         argv: list[str] = []
         default = HREMConfig().to_dict()
+        default["model"]["cutoff"] = ModelConfig().resolve_cutoff(self.data.dataset)
         for section, values in self.to_dict().items():
             for key, value in values.items():
                 dotted = f"{section}.{key}"
@@ -221,6 +267,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{path}: {e}") from None
     return cfg.override(overrides or [])
 
+
+# Old names that set newer keys (checkpoints and YAML written before the split).
+_ALIASES = {"model.loss": ("model.base_loss", "model.relation_loss")}
+# Type templates of the nullable keys, for checking a non-null value.
+_PROTOTYPES = {"float | None": 0.0}
 
 _FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 

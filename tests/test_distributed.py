@@ -1,12 +1,14 @@
 """Data-parallel HREM equals single-device training on the global batch.
 
-Two gloo workers on loopback each encode half of a global batch of 8 pairs; with
-``gather_encoded``, ``sync_batchnorm`` and ``wrap_ddp`` their loss, every gradient, the
-relation graph and the BatchNorm running statistics must match one process on all 8.
+Two or three gloo workers on loopback each encode their share of a global batch of 8 pairs;
+with ``gather_encoded``, ``sync_batchnorm`` and ``wrap_ddp`` (which shards and chunks the
+fragment scores) their loss, every gradient, the relation graph and the BatchNorm running
+statistics must match one process on all 8, scoring the fragments in one piece.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import sys
@@ -23,9 +25,12 @@ from hrem_ray.config import HREMConfig, ModelConfig
 from hrem_ray.data.batches import Batch
 from hrem_ray.model import build_model, hrem_loss
 from hrem_ray.model.hrem import Encoded
+from hrem_ray.model.relation import fragment_scores
 from hrem_ray.train.distributed import (
     GlobalBatchNorm1d,
     gather_encoded,
+    shard_sizes,
+    sharded_fragment_scores,
     sync_batchnorm,
     world_size,
     wrap_ddp,
@@ -33,7 +38,6 @@ from hrem_ray.train.distributed import (
 from hrem_ray.train.loop import train_step
 from tests.helpers import free_port
 
-WORLD = 2
 # (base loss, warmup): iteration is always 0, so warmup 1 leaves the relation module out.
 # The same DDP object runs them in order: relation on, on, off, on again.
 CASES = [("vse", 0), ("trip", 0), ("vse", 1), ("vse", 0)]
@@ -56,7 +60,7 @@ def deterministic_model(cfg: ModelConfig, init: dict, dtype: torch.dtype) -> nn.
 
 def global_batch(img_dim: int) -> Batch:
     """8 pairs, 6 regions each, captions of 3..14 tokens, repeated images within and across
-    the two halves (rows 0-3 go to rank 0, rows 4-7 to rank 1)."""
+    the workers' shares (``share``)."""
     g = torch.Generator().manual_seed(1)
     image_ids = torch.tensor([0, 1, 1, 2, 2, 3, 0, 4])
     first = {}
@@ -75,6 +79,13 @@ def rows(batch: Batch, start: int, stop: int, dtype: torch.dtype) -> Batch:
     part = Batch(*(getattr(batch, f)[start:stop] for f in Batch.__dataclass_fields__))
     part.images = part.images.to(dtype)
     return part
+
+
+def share(batch: Batch, rank: int, world: int, dtype: torch.dtype) -> Batch:
+    """Rank ``rank``'s rows of the global batch (4+4 with 2 workers, 3+3+2 with 3)."""
+    sizes = shard_sizes(len(batch), world)
+    start = sum(sizes[:rank])
+    return rows(batch, start, start + sizes[rank], dtype)
 
 
 def run_case(model: nn.Module, batch: Batch, loss: str, warmup: int, gather) -> dict:
@@ -115,7 +126,20 @@ def run_all(model: nn.Module, batch: Batch, init: dict, gather) -> dict:
     return {"cases": results, "parts": parts, "after": after}
 
 
-def check_uneven_gather(rank: int) -> None:
+def check_sharded_scores(rank: int, world: int) -> None:
+    """Sharded and chunked fragment scores equal the one-piece ones: 7 pairs (not divisible
+    by 2 or 3 workers, nor by chunks of 2 or 3), and every rank gets the whole result."""
+    g = torch.Generator().manual_seed(5)
+    regions, words = torch.randn(7, 6, 8, generator=g), torch.randn(7, 13, 8, generator=g)
+    lengths = torch.randint(2, 14, (7,), generator=g)
+    want = fragment_scores(regions, words, lengths)
+    for chunk in (0, 1, 2, 3):
+        got = sharded_fragment_scores(regions, words, lengths, topk=10, min_words=10, chunk=chunk)
+        for name in ("m_t2i", "k_t2i", "m_i2t", "k_i2t"):
+            torch.testing.assert_close(getattr(got, name), getattr(want, name), **TOL)
+
+
+def check_uneven_gather(rank: int, world: int) -> None:
     """Ranks with 3 and 2 rows, different N and L: padding, order and gradient sums."""
 
     def local(r: int) -> Encoded:
@@ -133,7 +157,7 @@ def check_uneven_gather(rank: int) -> None:
     mine.t.requires_grad_(True)
     ids = torch.arange(len(mine.v)) + 10 * rank
     out, out_ids = gather_encoded(mine, ids)
-    encs = [local(r) for r in range(WORLD)]
+    encs = [local(r) for r in range(world)]
     assert out_ids.tolist() == [0, 1, 2, 10, 11]
     for name in ("v", "t", "image_lengths", "token_lengths"):
         expect = torch.cat([getattr(e, name) for e in encs])
@@ -146,11 +170,13 @@ def check_uneven_gather(rank: int) -> None:
     coeff = torch.arange(25.0).reshape(5, 5)
     ((out.v * coeff).sum() + (out.t * 2 * coeff).sum()).backward()
     mine_rows = slice(0, 3) if rank == 0 else slice(3, 5)
-    torch.testing.assert_close(mine.v.grad, WORLD * coeff[mine_rows])  # summed over ranks
-    torch.testing.assert_close(mine.t.grad, WORLD * 2 * coeff[mine_rows])
+    torch.testing.assert_close(mine.v.grad, world * coeff[mine_rows])  # summed over ranks
+    torch.testing.assert_close(mine.t.grad, world * 2 * coeff[mine_rows])
 
 
-def step_with_relation_dropout(cfg: ModelConfig, init: dict, batch: Batch, rank: int) -> dict:
+def step_with_relation_dropout(
+    cfg: ModelConfig, init: dict, batch: Batch, rank: int, world: int
+) -> dict:
     """One train_step where each rank draws its own relation dropout masks; returns weights.
 
     The relation gradients then differ per rank and only ``wrap_ddp``'s averaging hook
@@ -167,12 +193,12 @@ def step_with_relation_dropout(cfg: ModelConfig, init: dict, batch: Batch, rank:
     train_cfg = HREMConfig(model=model.cfg)
     train_cfg.model.loss, train_cfg.model.warmup = "vse", 0
     optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
-    local = rows(batch, 4 * rank, 4 * rank + 4, torch.float32)
+    local = share(batch, rank, world, torch.float32)
     assert train_step(ddp, local, optimizer, 0, train_cfg, gather=gather_encoded) is not None
     return model.state_dict()
 
 
-def worker(rank: int, port: int, tmp: Path, cfg: ModelConfig) -> None:
+def worker(rank: int, world: int, port: int, tmp: Path, cfg: ModelConfig) -> None:
     try:
         if sys.platform.startswith("linux"):
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
@@ -181,10 +207,12 @@ def worker(rank: int, port: int, tmp: Path, cfg: ModelConfig) -> None:
             "gloo",
             init_method=f"tcp://127.0.0.1:{port}",
             rank=rank,
-            world_size=WORLD,
+            world_size=world,
             timeout=datetime.timedelta(seconds=60),
         )
-        check_uneven_gather(rank)
+        if world == 2:
+            check_uneven_gather(rank, world)
+        check_sharded_scores(rank, world)
         init = torch.load(tmp / "init.pt", weights_only=True)
         batch = torch.load(tmp / "batch.pt", weights_only=False)
         results = {}
@@ -193,11 +221,12 @@ def worker(rank: int, port: int, tmp: Path, cfg: ModelConfig) -> None:
             if rank == 1:
                 torch.nn.init.normal_(model.relation.mlp_t2i[0].weight)  # rank 0's must win
             ddp = wrap_ddp(model)
+            assert model.relation.score_fragments is sharded_fragment_scores
             weight = model.relation.mlp_t2i[0].weight
             assert torch.equal(weight, init["relation.mlp_t2i.0.weight"].to(dtype))
-            local = rows(batch, 4 * rank, 4 * rank + 4, dtype)
+            local = share(batch, rank, world, dtype)
             results[dtype] = run_all(ddp, local, init, gather_encoded)
-        results["dropout"] = step_with_relation_dropout(cfg, init, batch, rank)
+        results["dropout"] = step_with_relation_dropout(cfg, init, batch, rank, world)
         torch.save(results, tmp / f"rank{rank}.pt")
     except BaseException:
         (tmp / f"rank{rank}.err").write_text(traceback.format_exc())
@@ -236,8 +265,10 @@ def assert_matches(got: dict, ref: dict, rank: int, dtype: torch.dtype) -> float
     return worst
 
 
-@pytest.mark.timeout(180)
-def test_two_workers_equal_one_device_on_global_batch(small_cfg, tmp_path):
+# the workers score fragments in chunks that do not divide their shares (4 or 3 captions)
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("world, frag_chunk", [(2, 3), (3, 2)])
+def test_workers_equal_one_device_on_global_batch(small_cfg, tmp_path, world, frag_chunk):
     torch.manual_seed(0)
     init = build_model(small_cfg, pretrained=False).state_dict()
     batch = global_batch(small_cfg.img_dim)
@@ -246,7 +277,9 @@ def test_two_workers_equal_one_device_on_global_batch(small_cfg, tmp_path):
 
     ctx = mp.get_context("spawn")
     port = free_port()
-    procs = [ctx.Process(target=worker, args=(r, port, tmp_path, small_cfg)) for r in range(WORLD)]
+    worker_cfg = dataclasses.replace(small_cfg, frag_chunk=frag_chunk)
+    args = [(r, world, port, tmp_path, worker_cfg) for r in range(world)]
+    procs = [ctx.Process(target=worker, args=a) for a in args]
     for p in procs:
         p.start()
     try:
@@ -260,7 +293,7 @@ def test_two_workers_equal_one_device_on_global_batch(small_cfg, tmp_path):
             for dtype in DTYPES
         }
         for p in procs:
-            p.join(timeout=150)
+            p.join(timeout=200)
     finally:
         for p in procs:
             if p.is_alive():
@@ -271,14 +304,16 @@ def test_two_workers_equal_one_device_on_global_batch(small_cfg, tmp_path):
         detail = err.read_text() if err.exists() else "(no traceback written)"
         assert p.exitcode == 0, f"worker {r} exited with {p.exitcode}:\n{detail}"
 
-    got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
     for dtype in DTYPES:
-        worst = max(assert_matches(got[r][dtype], ref[dtype], r, dtype) for r in range(WORLD))
+        worst = max(assert_matches(got[r][dtype], ref[dtype], r, dtype) for r in range(world))
         print(f"{dtype}: largest gradient error / gradient scale {worst:.2e}")
-        for name, value in got[0][dtype]["after"].items():  # replicas stay bit-identical
-            assert torch.equal(value, got[1][dtype]["after"][name]), name
-    for name, value in got[0]["dropout"].items():  # also with per-rank relation dropout
-        assert torch.equal(value, got[1]["dropout"][name]), f"replicas differ in {name}"
+        for other in got[1:]:
+            for name, value in got[0][dtype]["after"].items():  # replicas stay bit-identical
+                assert torch.equal(value, other[dtype]["after"][name]), name
+    for other in got[1:]:
+        for name, value in got[0]["dropout"].items():  # also with per-rank relation dropout
+            assert torch.equal(value, other["dropout"][name]), f"replicas differ in {name}"
 
 
 def test_single_process_gather_is_identity():
@@ -325,3 +360,14 @@ def test_global_batchnorm_is_batchnorm_on_one_process():
         assert torch.equal(x.grad, x_ref.grad)
         for k, v in ref.state_dict().items():
             assert torch.equal(bn.state_dict()[k], v), k
+
+
+def test_sharded_scores_on_one_process_are_the_plain_ones():
+    g = torch.Generator().manual_seed(2)
+    regions, words = torch.randn(3, 4, 6, generator=g), torch.randn(5, 7, 6, generator=g)
+    lengths = torch.tensor([7, 2, 5, 3, 6])
+    got = sharded_fragment_scores(regions, words, lengths, topk=3, min_words=4, chunk=2)
+    want = fragment_scores(regions, words, lengths, topk=3, min_words=4)
+    assert got.k_i2t.shape == (3, 5, 3)
+    for name in ("m_t2i", "k_t2i", "m_i2t", "k_i2t"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), **TOL)

@@ -11,7 +11,9 @@ import torch.nn.functional as F
 from hrem_ray.model import build_model
 from hrem_ray.model.encoders import maxk_pool, residual_pool
 from hrem_ray.model.relation import (
+    FRAG_BUDGET_BYTES,
     InstanceRelation,
+    frag_chunk_size,
     fragment_scores,
     intra_relevance,
     relation_kl,
@@ -119,16 +121,26 @@ def naive_fragments(regions, words, word_lengths, topk=10, min_words=10):
     return m_t2i, k_t2i, m_i2t, k_i2t
 
 
+# chunk 0 is automatic (one chunk here); 2 and 3 do not divide the 5 captions
+@pytest.mark.parametrize("chunk", [0, 1, 2, 3])
 @pytest.mark.parametrize("max_len", [14, 6])  # 6: batch shorter than min_words
-def test_fragment_scores_match_naive_loop(max_len):
+def test_fragment_scores_match_naive_loop(max_len, chunk):
     g = torch.Generator().manual_seed(max_len)
     regions = torch.randn(4, 12, 8, generator=g)
     words = torch.randn(5, max_len, 8, generator=g)
     word_lengths = torch.randint(2, max_len + 1, (5,), generator=g)
-    got = fragment_scores(regions, words, word_lengths)
+    got = fragment_scores(regions, words, word_lengths, chunk=chunk)
     want = naive_fragments(regions, words, word_lengths)
     for a, b in zip([got.m_t2i, got.k_t2i, got.m_i2t, got.k_i2t], want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert not got.m_t2i.requires_grad  # the scores feed the relation module no gradient
+
+
+def test_automatic_chunk_fits_the_budget():
+    per_caption = 2 * 1024 * 32 * 36 * 4  # scores + one normalised copy, fp32
+    chunk = frag_chunk_size(1024, 32, 36, 4)
+    assert chunk * per_caption <= FRAG_BUDGET_BYTES < (chunk + 1) * per_caption
+    assert frag_chunk_size(10**6, 128, 36, 4) == 1  # never less than one caption
 
 
 def test_topk_connections_match_sorting():

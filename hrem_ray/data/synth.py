@@ -1,4 +1,4 @@
-"""Learnable synthetic data in the exact precomp format (spec section 1).
+"""Learnable synthetic data in the exact precomp format (docs/data.md).
 
 No Flickr30K or COCO ships with the project, so training, evaluation, the Ray pipelines and the
 demos run on this generator's output. An image is a *scene* (1-3 object groups, each with a colour

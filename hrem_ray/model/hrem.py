@@ -2,7 +2,7 @@
 
 ``encode`` runs the towers on a (local) batch; ``hrem_loss`` runs on encodings that may
 have been all-gathered from every worker, so the relation graph and the negatives span
-the global batch (spec section 6, last point).
+the global batch (docs/global-batch.md).
 """
 
 from __future__ import annotations
@@ -74,22 +74,32 @@ def hrem_loss(
     image_ids: Tensor,
     iteration: int,
     generator: torch.Generator | None = None,
+    *,
+    epoch: int | None = None,
 ) -> LossOutput:
-    """L(v,t) + [after warmup] L(v,t^) + L(v^,t) + L(v^,t^) + kl_weight * KL (spec 6)."""
+    """L(v,t) + [after warmup] L(v,t^) + L(v^,t) + L(v^,t^) + kl_weight * KL, HREM's
+    objective (docs/deviations.md for our differences). ``base_loss`` and ``relation_loss``
+    pick the loss of the first and the other terms; without ``cross_loss`` the two cross
+    terms are left out. ``epoch`` drives the VSE++ warm-up (None: past it)."""
     cfg = model.cfg
 
-    def loss(v: Tensor, t: Tensor) -> Tensor:
-        return matching_loss(v, t, image_ids, cfg, generator)
+    def loss(kind: str, v: Tensor, t: Tensor) -> Tensor:
+        return matching_loss(v, t, image_ids, cfg, kind=kind, epoch=epoch, generator=generator)
 
-    base = loss(enc.v, enc.t)
+    base = loss(cfg.base_loss, enc.v, enc.t)
     if not relation_active(cfg, iteration):
         return LossOutput(base, {"loss": base.item(), "base": base.item()})
     rel = model.relation(enc.v, enc.t, enc.regions, enc.words, enc.token_lengths)
+    kind = cfg.relation_loss
+    cross = (
+        {"v_that": loss(kind, enc.v, rel.t_hat), "vhat_t": loss(kind, rel.v_hat, enc.t)}
+        if cfg.cross_loss
+        else {}
+    )
     terms = {
         "base": base,
-        "v_that": loss(enc.v, rel.t_hat),
-        "vhat_t": loss(rel.v_hat, enc.t),
-        "vhat_that": loss(rel.v_hat, rel.t_hat),
+        **cross,
+        "vhat_that": loss(kind, rel.v_hat, rel.t_hat),
         "kl": cfg.kl_weight * rel.kl,
     }
     total = sum(terms.values())

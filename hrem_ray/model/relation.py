@@ -1,12 +1,14 @@
-"""The instance-level relation module of HREM (spec section 5), used in training only.
+"""The instance-level relation module of HREM (docs/method.md §4), used in training only.
 
 Images and captions of the (global) batch become 2B nodes of one sequence; a Transformer
 lets each node attend to the nodes it is connected to, with the relevance of the pair
-as an additive attention bias. Everything here is batched: no Python loop over samples.
+as an additive attention bias. Everything here is batched: no Python loop over samples;
+the fragment scores go in chunks of captions so that their memory stays bounded.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +29,18 @@ class FragmentScores:
     k_i2t: Tensor  # [Bi, Bt, topk] the top per-region maxima
 
 
+# Bytes of fragment scores one chunk of captions may hold (docs/global-batch.md).
+FRAG_BUDGET_BYTES = 256 * 2**20
+_LIVE_COPIES = 2  # the [c, L, Bi, N] scores plus one normalised copy are alive at once
+
+
+def frag_chunk_size(n_images: int, length: int, regions: int, element_size: int) -> int:
+    """Captions per chunk so that a chunk's score tensors stay within FRAG_BUDGET_BYTES."""
+    per_caption = _LIVE_COPIES * n_images * length * regions * element_size
+    return max(1, FRAG_BUDGET_BYTES // per_caption)
+
+
+@torch.no_grad()
 def fragment_scores(
     regions: Tensor,
     words: Tensor,
@@ -35,34 +49,57 @@ def fragment_scores(
     topk: int = 10,
     min_words: int = 10,
     slope: float = 0.1,
+    chunk: int = 0,
 ) -> FragmentScores:
-    """Fragment-level scores of spec section 5 for all (caption, image) pairs at once.
+    """Fragment-level scores (docs/method.md §4) for every pair, in chunks of captions.
 
-    regions [Bi, N, D] and words [Bt, L, D] are the pre-pool features (callers detach
-    them). Caption j contributes its first max(len_j, min_words) positions (zero
-    vectors past the padded length); image i contributes all N region positions.
+    regions [Bi, N, D] and words [Bt, L, D] are the pre-pool features, detached (no gradient
+    flows through these scores). Caption j contributes its first max(len_j, min_words)
+    positions (zero vectors past the padded length); image i all N region positions.
+    Captions are scored ``chunk`` at a time (0: as many as fit FRAG_BUDGET_BYTES), so peak
+    memory is bounded for any batch; every pair's numbers are the same for any chunk.
     """
     h = l2norm(regions)
-    w = l2norm(words)
-    if w.shape[1] < max(min_words, topk):  # too short a batch: pad with zero vectors
-        w = F.pad(w, (0, 0, 0, max(min_words, topk) - w.shape[1]))
-    used = length_mask(word_lengths.clamp(min=min_words), w.shape[1])  # [Bt, L]
-    real = length_mask(word_lengths, w.shape[1])
-    a = F.leaky_relu(torch.einsum("jld,ind->jiln", w, h), slope)  # [Bt, Bi, L, N]
-    a = a * used[:, None, :, None]
+    width = max(words.shape[1], min_words, topk)
+    used = length_mask(word_lengths.clamp(min=min_words), width)  # [Bt, L]
+    real = length_mask(word_lengths, width)
+    step = chunk or frag_chunk_size(h.shape[0], width, h.shape[1], h.element_size())
+    parts = [
+        _score_chunk(h, words[s : s + step], used[s : s + step], real[s : s + step],
+                     word_lengths[s : s + step], topk, slope)
+        for s in range(0, words.shape[0], step)
+    ]  # fmt: skip
+    m_t2i, k_t2i, m_i2t, k_i2t = (torch.cat(p) for p in zip(*parts, strict=True))
+    return FragmentScores(m_t2i, k_t2i, m_i2t.t(), k_i2t.transpose(0, 1))
+
+
+def _score_chunk(
+    h: Tensor, words: Tensor, used: Tensor, real: Tensor, lengths: Tensor, topk: int, slope: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Caption-major scores of a chunk: m_t2i, k_t2i [c, Bi(, topk)], m_i2t, k_i2t likewise.
+
+    Scores are laid out [c, L, Bi, N] (one matmul, no permuted copy); zeroing unused word
+    positions before the product makes their scores 0, as LeakyReLU(0) = 0.
+    """
+    w = l2norm(F.pad(words, (0, 0, 0, used.shape[1] - words.shape[1]))) * used[..., None]
+    c, length, dim = w.shape
+    n_img, n_reg = h.shape[:2]
+    a = (w.reshape(c * length, dim) @ h.reshape(n_img * n_reg, dim).t()).view(
+        c, length, n_img, n_reg
+    )
+    F.leaky_relu(a, slope, inplace=True)
 
     # text -> image: normalise over words, best region per word
-    t2i = l2norm(a, dim=2).amax(dim=3)  # [Bt, Bi, L]
-    m_t2i = (t2i * real[:, None]).sum(2) / word_lengths[:, None].to(a.dtype)
+    t2i = l2norm(a, dim=1).amax(dim=3).transpose(1, 2)  # [c, Bi, L]
+    m_t2i = (t2i * real[:, None]).sum(2) / lengths[:, None].to(a.dtype)
     k_t2i = t2i.masked_fill(~used[:, None], float("-inf")).topk(topk, dim=2).values
 
     # image -> text: normalise over regions, best real word per region
-    i2t = l2norm(a, dim=3).masked_fill(~real[:, None, :, None], float("-inf")).amax(dim=2)
-    m_i2t = i2t.mean(2).transpose(0, 1)  # [Bi, Bt]
+    i2t = l2norm(a, dim=3).masked_fill_(~real[:, :, None, None], float("-inf")).amax(dim=1)
+    m_i2t = i2t.mean(2)  # [c, Bi]
     if i2t.shape[2] < topk:  # fewer regions than topk: pad the maxima with zeros
         i2t = F.pad(i2t, (0, topk - i2t.shape[2]))
-    k_i2t = i2t.topk(topk, dim=2).values.transpose(0, 1)
-    return FragmentScores(m_t2i, k_t2i, m_i2t, k_i2t)
+    return m_t2i, k_t2i, m_i2t, i2t.topk(topk, dim=2).values
 
 
 def topk_connections(scores: Tensor, k: int) -> Tensor:
@@ -112,6 +149,9 @@ class InstanceRelation(nn.Module):
         self.mlp_i2t = _score_mlp(cfg.frag_topk)
         self.mlp_i2t.load_state_dict(self.mlp_t2i.state_dict())  # both start identical
         self.fusion = transformer_encoder(cfg, num_layers=cfg.num_layers_enc)
+        # (regions, words, word_lengths, **kw) -> FragmentScores over the whole batch;
+        # ``wrap_ddp`` swaps in the version that shards the captions across workers.
+        self.score_fragments: Callable[..., FragmentScores] = fragment_scores
 
     def attention_mask(
         self, v: Tensor, t: Tensor, frags: FragmentScores
@@ -141,12 +181,13 @@ class InstanceRelation(nn.Module):
     def forward(
         self, v: Tensor, t: Tensor, regions: Tensor, words: Tensor, word_lengths: Tensor
     ) -> RelationOutput:
-        frags = fragment_scores(
+        frags = self.score_fragments(
             regions.detach(),
             words.detach(),
             word_lengths,
             topk=self.cfg.frag_topk,
             min_words=self.cfg.frag_min_words,
+            chunk=self.cfg.frag_chunk,
         )
         mask, r_i2t, r_t2i = self.attention_mask(v, t, frags)
         fused = self.fusion(torch.cat([v, t])[None], mask=mask)[0]

@@ -1,7 +1,7 @@
 """Data-parallel HREM on plain ``torch.distributed``: the loss sees the global batch.
 
 HREM's relation graph, its top-k thresholds and the negatives of the matching loss are all
-defined over the whole batch (spec section 6, last point). Each worker therefore
+defined over the whole batch (docs/method.md §5). Each worker therefore
 
 1. encodes its local rows (the towers, wrapped in DDP by :func:`wrap_ddp`),
 2. all-gathers the encodings with :func:`gather_encoded` (``train_step``'s ``gather``), and
@@ -11,9 +11,9 @@ The towers' BatchNorm must also normalise over the global batch: :func:`sync_bat
 (CPU and GPU; torch's ``SyncBatchNorm`` refuses CPU tensors).
 
 Exact equality with single-device training on the global batch needs the same padding as
-that single device would see: the BatchNorm statistics (spec 3.1) and the fragment scores
-(spec 5, every region slot of an image counts) include padded region rows, so every rank
-must pad its images to the same N (no region dropout, or a fixed N such as 36); and a
+that single device would see: the BatchNorm statistics (docs/method.md §2) and the
+fragment scores (§4, every region slot of an image counts) include padded region rows, so every
+rank must pad its images to the same N (no region dropout, or a fixed N such as 36); and a
 caption shorter than ``frag_min_words`` reads the [PAD]-position features up to that many
 positions, so every rank must pad its tokens to at least ``min(frag_min_words, global
 longest)``. With unequal padding the result is still a valid HREM loss over the global
@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from hrem_ray.model.hrem import HREM, Encoded
+from hrem_ray.model.relation import FragmentScores, fragment_scores
 
 # torch >= 2.10 marks the autograd collectives deprecated in favour of private
 # ``_functional_collectives``; they still work and have the backward we rely on.
@@ -103,6 +104,41 @@ def gather_encoded(enc: Encoded, image_ids: Tensor) -> tuple[Encoded, Tensor]:
         token_lengths=ints[:, 1].to(enc.token_lengths.dtype),
     )
     return out, ints[:, 2].to(image_ids.dtype)
+
+
+def shard_sizes(n: int, workers: int) -> list[int]:
+    """Near-equal split of n rows over the workers, in rank order (the first get one more)."""
+    return [n // workers + (r < n % workers) for r in range(workers)]
+
+
+def sharded_fragment_scores(
+    regions: Tensor, words: Tensor, word_lengths: Tensor, **kwargs
+) -> FragmentScores:
+    """:func:`fragment_scores` of the global batch, each worker scoring a share of it.
+
+    Every worker holds the gathered regions and words. Rank r scores the r-th near-equal
+    share of the captions against every image (in chunks, ``kwargs["chunk"]``); a pair's
+    scores serve both directions, so each (caption, image) pair is scored once over all
+    workers and per-worker work and memory fall by W (docs/global-batch.md). The small
+    caption-major results ([B_r, B, 2 + 2 topk]) are then all-gathered into the global ones.
+    They carry no gradient (the features are detached, docs/method.md §4), so a plain
+    all-gather keeps the autograd graph of the single-worker computation.
+    """
+    workers = world_size()
+    if workers == 1:
+        return fragment_scores(regions, words, word_lengths, **kwargs)
+    counts = shard_sizes(words.shape[0], workers)
+    start = sum(counts[: dist.get_rank()])
+    mine = slice(start, start + counts[dist.get_rank()])
+    part = fragment_scores(regions, words[mine], word_lengths[mine], **kwargs)
+    packed = torch.cat(
+        [part.m_t2i[..., None], part.m_i2t.t()[..., None], part.k_t2i, part.k_i2t.transpose(0, 1)],
+        dim=2,
+    )  # [B_r, B_images, 2 + 2 topk]
+    full = _gather_rows(packed, counts, (max(counts), *packed.shape[1:]), False)
+    topk = part.k_t2i.shape[2]
+    m_t2i, m_i2t, k_t2i, k_i2t = full.split([1, 1, topk, topk], dim=2)
+    return FragmentScores(m_t2i[..., 0], k_t2i, m_i2t[..., 0].t(), k_i2t.transpose(0, 1))
 
 
 class GlobalBatchNorm1d(nn.BatchNorm1d):
@@ -190,8 +226,11 @@ def wrap_ddp(model: HREM, **ddp_kwargs) -> DistributedDataParallel:
       across ranks (identical already when every rank draws the same dropout masks; the
       average keeps the replicas in sync when they do not).
     - ``find_unused_parameters=True`` (overridable): ``bns.1`` never gets a gradient.
+    - The fragment scores of the relation module are sharded across the workers
+      (:func:`sharded_fragment_scores`).
     """
     sync_batchnorm(model)
+    model.relation.score_fragments = sharded_fragment_scores
     relation = [f"relation.{name}" for name, _ in model.relation.named_parameters()]
     relation += [f"relation.{name}" for name, _ in model.relation.named_buffers()]
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, relation)
