@@ -24,6 +24,7 @@ from hrem_ray.ray_runtime import free_port
 __all__ = [
     "SYNTH",
     "TINY_MODEL",
+    "TINY_SETS",
     "alive",
     "free_port",
     "is_loopback",
@@ -36,10 +37,11 @@ __all__ = [
 
 # The tiny world of the CLI, gallery and serving tests: f30k-format data of 20/5/10 images of
 # 6 regions x 24 dims, and a model at toy width.
-TINY_MODEL = [
-    f"--set=model.{k}={v}"
+TINY_SETS = [
+    f"model.{k}={v}"
     for k, v in dict(img_dim=24, embed_size=32, num_heads=4, ff_dim=32, mlp_hidden=16).items()
 ]
+TINY_MODEL = [f"--set={s}" for s in TINY_SETS]
 SYNTH = ["--train-images", "20", "--dev-images", "5", "--test-images", "10"]
 SYNTH += ["--regions", "6", "--dim", "24"]
 

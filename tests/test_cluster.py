@@ -33,7 +33,7 @@ import pytest
 
 from hrem_ray.data.precomp import open_split
 from hrem_ray.data.synth import write_synthetic
-from tests.helpers import alive, is_loopback
+from tests.helpers import TINY_SETS, alive, is_loopback
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -42,15 +42,7 @@ BIN = Path(sys.executable).parent
 WORKERS = 2
 BATCH = 16  # global batch: 8 rows per worker
 TRAIN_IMAGES = 60  # x 5 captions = 300 pairs: 18 steps per epoch with 2 workers
-SETS = [
-    "model.img_dim=24",
-    "model.embed_size=32",
-    "model.num_heads=4",
-    "model.ff_dim=32",
-    "model.mlp_hidden=16",
-    "model.warmup=5",
-    f"train.batch_size={BATCH}",
-]
+SETS = [*TINY_SETS, "model.warmup=5", f"train.batch_size={BATCH}"]
 # the job uploads the code only (.gitignore keeps the rest out; these make it explicit)
 EXCLUDES = [".git", ".venv", "*.egg-info", "**/__pycache__", ".pytest_cache", ".ruff_cache",
             "runs", "data", "work"]  # fmt: skip

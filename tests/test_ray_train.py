@@ -39,23 +39,14 @@ from hrem_ray.data.precomp import open_split
 from hrem_ray.data.synth import write_synthetic
 from hrem_ray.ray_runtime import ENV_DEFAULTS
 from hrem_ray.train.ray_train import RayRunOptions, train_ray
-from tests.helpers import alive, is_loopback
+from tests.helpers import TINY_SETS, alive, is_loopback
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's ray / hrem-ray
 WORKERS = 2
 BATCH = 16  # global batch: 8 rows per worker
 TRAIN_IMAGES = 60  # x 5 captions = 300 pairs: 300 // 2 workers // 8 = 18 steps per epoch
-SETS = [
-    "model.img_dim=24",
-    "model.embed_size=32",
-    "model.num_heads=4",
-    "model.ff_dim=32",
-    "model.mlp_hidden=16",
-    "model.warmup=5",
-    f"train.batch_size={BATCH}",
-    "train.log_every=1000",
-]
+SETS = [*TINY_SETS, "model.warmup=5", f"train.batch_size={BATCH}", "train.log_every=1000"]
 
 
 # --------------------------------------------------------------------------- fixtures
