@@ -250,17 +250,22 @@ class HREMConfig:
         return self.validate()
 
 
+def read_yaml(path: str | Path, error: type[ValueError], what: str) -> Any:
+    """A YAML file's content ({} when empty); a missing or malformed file is ``error``."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} not found: {path}")
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise error(f"{path}: not valid YAML ({e})") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> HREMConfig:
     """Defaults, then a YAML file, then ``key=value`` overrides."""
     cfg = HREMConfig()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        raw = read_yaml(path, ConfigError, "config file")
         try:
             cfg = HREMConfig.from_dict(raw)
         except ConfigError as e:

@@ -36,22 +36,6 @@ def score(sims: np.ndarray, *, fold5: bool = False) -> dict[str, Any]:
     return result
 
 
-def split_sims(
-    model: HREM,
-    split: PrecompSplit,
-    tokenizer: CaptionTokenizer,
-    *,
-    batch_size: int = 128,
-    device: torch.device | str = "cpu",
-    progress: Callable[[str], None] | None = None,
-) -> np.ndarray:
-    """S = images x captions of ``split``: every image and caption encoded once."""
-    imgs, caps = embed_split(
-        model, split, tokenizer, batch_size=batch_size, device=device, progress=progress
-    )
-    return similarity(imgs, caps)
-
-
 def evaluate_split(
     model: HREM,
     split: PrecompSplit,
@@ -65,10 +49,10 @@ def evaluate_split(
     """``score`` of ``model`` on ``split``."""
     if fold5:
         _check_fold5(split)
-    sims = split_sims(
+    imgs, caps = embed_split(
         model, split, tokenizer, batch_size=batch_size, device=device, progress=progress
     )
-    return score(sims, fold5=fold5)
+    return score(similarity(imgs, caps), fold5=fold5)
 
 
 def save_sims(path: str | Path, sims: np.ndarray) -> Path:
@@ -126,9 +110,10 @@ def evaluate_ensemble(
     for checkpoint in checkpoints:
         ck = load_checkpoint(checkpoint, device=device)
         tokenizer = CaptionTokenizer.from_dir(ck.backbone_dir, max_tokens=ck.config.data.max_tokens)
-        total += split_sims(
+        imgs, caps = embed_split(
             ck.model, data, tokenizer, batch_size=batch_size, device=device, progress=progress
         )
+        total += similarity(imgs, caps)
     total /= len(saved) + len(checkpoints)
     if save_to is not None:
         save_sims(save_to, total)

@@ -20,10 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from ray import tune
 
-from hrem_ray.config import ConfigError, HREMConfig
+from hrem_ray.config import ConfigError, HREMConfig, read_yaml
 
 DISTRIBUTIONS = ("uniform", "loguniform", "quniform", "randint", "choice", "grid")
 CONTINUOUS = ("uniform", "loguniform", "quniform")  # they sample floats
@@ -74,13 +73,7 @@ def load_space(path: str | Path, base: HREMConfig | None = None) -> SearchSpace:
     """Read and validate a space file; every problem is a SpaceError naming the key.
 
     With ``base``, parameter values are checked on top of that config, not the defaults."""
-    path = Path(path)
-    if not path.is_file():
-        raise SpaceError(f"search space not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise SpaceError(f"{path}: not valid YAML ({e})") from None
+    raw = read_yaml(path, SpaceError, "search space")
     try:
         return parse_space(raw, base)
     except SpaceError as e:
