@@ -214,10 +214,10 @@ def test_train_epoch_counts_skipped_steps(cfg, batches, monkeypatch):
     opt = build_optimizer(model, cfg.train)
     calls: list[int] = []
 
-    def nan_on_second_call(model_, enc, image_ids, iteration, generator=None):
+    def nan_on_second_call(model_, enc, image_ids, iteration, generator=None, **kw):
         calls.append(iteration)
         fn = nan_loss if len(calls) == 2 else hrem_loss
-        return fn(model_, enc, image_ids, iteration, generator)
+        return fn(model_, enc, image_ids, iteration, generator, **kw)
 
     monkeypatch.setattr(loop, "hrem_loss", nan_on_second_call)
     state = TrainState(iteration=5)
