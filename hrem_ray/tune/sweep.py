@@ -224,11 +224,14 @@ def _trial_row(result, params: list[str], epochs: int, runs: str | None = None) 
             per_epoch[int(row["epoch"])] = (float(row[METRIC]), where)
     if runs is not None:
         kept = _kept_checkpoints(storage.join(runs, trial))
-        # restarted by a resume: Tune has the epochs since the restart (or none, when the
-        # run had trained its last epoch before the interruption)
-        if kept and not set(range(max(kept) + 1)) <= set(per_epoch):
+        # Restarted by a resume, Tune has only the epochs since the restart (or none, when
+        # the run had trained its last epoch before the interruption): the earlier ones come
+        # from the run's own history. Epochs after Tune's last are not added: a trial ASHA
+        # stopped may have finished one more epoch before the stop reached its Train run.
+        first = min(per_epoch, default=max(kept, default=-1) + 1)
+        if kept and first > 0:
             for h in _run_history(kept[max(kept)]):
-                if METRIC in h:
+                if METRIC in h and int(h["epoch"]) < first:
                     per_epoch.setdefault(int(h["epoch"]), (float(h[METRIC]), None))
         if kept:
             per_epoch = {e: (v, kept.get(e)) for e, (v, _) in per_epoch.items()}
