@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hrem_ray.data.shards import DEFAULT_ROWS_PER_SHARD
 from hrem_ray.fileio import write_atomic
 from hrem_ray.index.ivf import DEFAULT_NPROBE
 
@@ -90,12 +91,32 @@ def _load(checkpoint: str, device: str):
 
 def cmd_check_data(a: argparse.Namespace) -> None:
     from hrem_ray.data.precomp import open_split, scan_finite
+    from hrem_ray.data.shards import is_sharded, open_sharded, verify_shards
 
     for split in a.split or ["train", "dev", "test"]:
-        data = open_split(a.data_path, a.dataset, split)
-        scan_finite(data.features, data.ims_path, progress=_log)
+        if is_sharded(a.data_path, a.dataset, split):
+            data = open_sharded(a.data_path, a.dataset, split)
+            verify_shards(data, progress=_log)
+            shape = [data.n_images, data.regions, data.dim]
+            kind = f"{len(data.shards)} shards, features {shape} {data.dtype}"
+        else:
+            data = open_split(a.data_path, a.dataset, split)
+            scan_finite(data.features, data.ims_path, progress=_log)
+            kind = f"features {list(data.features.shape)} {data.features.dtype}"
         _log(f"{a.dataset} {split}: {data.n_images} images, {data.n_captions} captions, "
-             f"features {list(data.features.shape)} {data.features.dtype}: ok")  # fmt: skip
+             f"{kind}: ok")  # fmt: skip
+
+
+def cmd_shard(a: argparse.Namespace) -> None:
+    from hrem_ray.data.shards import write_shards
+
+    split = write_shards(
+        a.data_path, a.dataset, a.split, a.out, rows_per_shard=a.rows_per_shard,
+        dtype=a.dtype, progress=_log,
+    )  # fmt: skip
+    size = sum(s.bytes for s in split.shards) / 2**20
+    _log(f"wrote {split.root}: {len(split.shards)} shards, {split.n_images} images, "
+         f"{size:.1f} MiB")  # fmt: skip
 
 
 def cmd_embed(a: argparse.Namespace) -> None:
@@ -152,14 +173,16 @@ def cmd_serve(a: argparse.Namespace) -> None:
     from hrem_ray.ray_runtime import init_ray
     from hrem_ray.serving.api import check_api_key
     from hrem_ray.serving.app import run_service, wait_until_interrupted
+    from hrem_ray.serving.service import check_served
 
     api_key = a.api_key or os.environ.get("HREM_API_KEY")
     if api_key:
         check_api_key(api_key)  # before the minutes of starting Ray
+    check_served(a.checkpoint, a.gallery)  # the models are the gallery's, in its order
     init_ray(a.address, verbose=a.verbose)
     url = run_service(
         a.checkpoint, a.gallery, host=a.host, port=a.port,
-        api_key=api_key, max_replicas=a.max_replicas,
+        api_key=api_key, max_replicas=a.max_replicas, check=False,
     )  # fmt: skip
     _log(f"serving on {url} (search page at {url}/, API docs at {url}/docs); Ctrl-C stops")
     try:
@@ -195,7 +218,7 @@ def cmd_train(a: argparse.Namespace) -> None:
 def cmd_tune(a: argparse.Namespace) -> None:
     from hrem_ray.ray_runtime import init_ray
     from hrem_ray.tune.space import load_space
-    from hrem_ray.tune.sweep import SweepOptions, run_sweep
+    from hrem_ray.tune.sweep import SweepOptions, check_ensemble_top, max_trials, run_sweep
 
     for flag in ("num_samples", "max_concurrent_trials"):
         value = getattr(a, flag)
@@ -205,10 +228,13 @@ def cmd_tune(a: argparse.Namespace) -> None:
     space = load_space(a.space, base=cfg)  # fails before Ray starts
     if a.num_samples is not None:
         space.num_samples = a.num_samples
+    if a.ensemble_top is not None:
+        check_ensemble_top(a.ensemble_top, max_trials(space))
     options = SweepOptions(
         storage_path=a.storage_path, name=a.name, num_workers=a.num_workers, use_gpu=a.use_gpu,
         cpus_per_worker=a.cpus_per_worker, max_concurrent_trials=a.max_concurrent_trials,
         resume=a.resume, verbose=a.verbose, allow_inactive=a.allow_inactive,
+        ensemble_top=a.ensemble_top or 0,
     )  # fmt: skip
     init_ray(a.address, verbose=a.verbose)
     summary = run_sweep(cfg, space, options, log=_log)
@@ -280,12 +306,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_import_checkpoint)
 
     p = sub.add_parser(
-        "check-data", help="read every feature of precomp splits and check it is finite"
+        "check-data", help="read every feature of splits (precomp or sharded) and check them"
     )
     p.add_argument("--data-path", required=True)
     p.add_argument("--dataset", required=True)
     p.add_argument("--split", action="append", help="repeatable (default: train, dev, test)")
     p.set_defaults(func=cmd_check_data)
+
+    p = sub.add_parser(
+        "shard", help="write a precomp split as a sharded dataset (local or object storage)"
+    )
+    p.add_argument("--data-path", required=True, help="the precomp data root")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--split", required=True)
+    p.add_argument("--out", required=True,
+                   help="data root (folder or URI) for OUT/<dataset>_precomp/<split>/")  # fmt: skip
+    p.add_argument("--rows-per-shard", type=int, default=DEFAULT_ROWS_PER_SHARD,
+                   help="images per shard")  # fmt: skip
+    p.add_argument("--dtype", choices=["float32", "float16"], default="float32",
+                   help="stored feature type; float16 halves storage (docs/data.md)")  # fmt: skip
+    p.set_defaults(func=cmd_shard)
 
     p = sub.add_parser("embed", help="embed region features or captions")
     p.add_argument("--checkpoint", required=True)
@@ -310,7 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("index", help="encode a split once into a searchable gallery")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument(
+        "--checkpoint", action="append", required=True,
+        help="a model; repeat it for an ensemble gallery (scores: the models' mean)",
+    )  # fmt: skip
     _add_split_flags(p)
     p.add_argument("--out", required=True, help="gallery folder")
     p.add_argument("--dtype", choices=["float32", "float16"], default="float32")
@@ -327,7 +370,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_index)
 
     p = sub.add_parser("serve", help="Ray Serve retrieval endpoint over a gallery")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument(
+        "--checkpoint", action="append", required=True,
+        help="a model; repeat it, in the gallery's order, to serve an ensemble gallery",
+    )  # fmt: skip
     p.add_argument("--gallery", required=True, help="folder written by hrem-ray index")
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
     p.add_argument("--port", type=int, default=8000)
@@ -374,6 +420,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--use-gpu", action="store_true")
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
     p.add_argument("--max-concurrent-trials", type=int)
+    p.add_argument(
+        "--ensemble-top", type=int, metavar="K",
+        help="also evaluate the ensemble of the K best trials on dev and export it to "
+        "<storage-path>/<name>/ensemble (K >= 2)",
+    )  # fmt: skip
     p.add_argument("--address", help=ADDRESS_HELP)
     p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     _add_config_flags(p)

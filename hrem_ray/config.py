@@ -121,11 +121,13 @@ class DataConfig:
     max_tokens: int = 128  # cap on [CLS] + word pieces + [SEP]; the reference has none
     region_keep: float = 0.8  # training-time region dropout keeps each region with this p
     word_aug: float = 0.2  # training-time probability that a word is masked/replaced/deleted
+    shuffle_buffer: int = 2048  # pairs a worker shuffles in, reading a sharded split
 
     def validate(self) -> None:
         _check(self.max_tokens >= 3, "data.max_tokens", "must be >= 3")
         _check(0.0 < self.region_keep <= 1.0, "data.region_keep", "must be in (0, 1]")
         _check(0.0 <= self.word_aug <= 1.0, "data.word_aug", "must be in [0, 1]")
+        _check(self.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
 
 
 @dataclass

@@ -7,6 +7,8 @@ batches come from ``data/batches.py``; ``eval/encode.py`` places them by id.
 
 from __future__ import annotations
 
+import hashlib
+import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
@@ -95,6 +97,37 @@ def embed_split(
     caps = _encode_captions(model, tokenizer, split.captions, batch_size, device, progress,
                             "encode captions")  # fmt: skip
     return imgs, caps
+
+
+def ensemble_embedding(parts: Sequence[np.ndarray]) -> np.ndarray:
+    """The embeddings of an ensemble of m models from each model's own: the L2-normalised
+    ``[..., D_i]`` embeddings the functions above return, each scaled by 1/sqrt(m) and
+    concatenated into ``[..., sum D_i]`` float32, in the given model order.
+
+    The dot product of two such vectors is the mean of the m models' cosine similarities, the
+    score ``hrem-ray eval`` averages over several checkpoints; so a gallery of them answers
+    ensemble queries with the same exact or IVF search as one model's, and each vector is
+    again of unit length. One model (m = 1): its embeddings unchanged.
+    """
+    if not parts:
+        raise ValueError("no embeddings to combine")
+    arrays = [np.asarray(p, dtype=np.float32) for p in parts]
+    if len({a.shape[:-1] for a in arrays}) != 1:
+        raise ValueError(f"embeddings of different counts: {[list(a.shape) for a in arrays]}")
+    if len(arrays) == 1:
+        return arrays[0]
+    scale = np.float32(1 / math.sqrt(len(arrays)))
+    return np.concatenate([a * scale for a in arrays], axis=-1)
+
+
+def model_id(model: torch.nn.Module) -> str:
+    """A content id of a model's weights: the same checkpoint copied anywhere has the same id
+    (a gallery records its models' ids, the service reports them)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().flatten().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _encode_images(model, source, n, batch_size, device, progress, desc) -> np.ndarray:

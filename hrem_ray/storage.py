@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from hrem_ray.fileio import write_atomic, write_dir_atomic, write_text_atomic
+from hrem_ray.fileio import write_atomic, write_dir_atomic
 
 MARKER = ".hrem-complete.json"
 CACHE_ENV = "HREM_CACHE"
@@ -144,8 +144,10 @@ def list_dir(path: str | os.PathLike) -> list[str]:
 
 
 def read_bytes(path: str | os.PathLike) -> bytes:
+    """The whole file. A random-access file reads it in one request of known size; pyarrow's
+    input stream took 23 s for 75 MB from moto, against 0.2 s this way."""
     fs, inner = filesystem(path)
-    with errors(path), fs.open_input_stream(inner) as f:
+    with errors(path), fs.open_input_file(inner) as f:
         return f.read()
 
 
@@ -154,14 +156,31 @@ def read_text(path: str | os.PathLike) -> str:
 
 
 def write_text(path: str | os.PathLike, text: str) -> str:
+    return write_bytes(path, text.encode())
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> str:
     """Write a whole file atomically: locally a temp file renamed into place; on an object
     store one upload, which becomes visible only once complete."""
     if not is_remote(path):
-        return str(write_text_atomic(path, text))
+        return str(write_atomic(path, lambda tmp: tmp.write_bytes(data)))
     fs, inner = filesystem(path)
     with errors(path), fs.open_output_stream(inner) as f:
-        f.write(text.encode())
+        f.write(data)
     return str(path)
+
+
+def read_head(path: str | os.PathLike, n: int) -> bytes:
+    """The first ``n`` bytes of a file (fewer if it is shorter): one ranged read."""
+    fs, inner = filesystem(path)
+    with errors(path), fs.open_input_file(inner) as f:
+        return f.read(n)
+
+
+def file_size(path: str | os.PathLike) -> int | None:
+    """The size of file ``path`` in bytes, None when there is no file there."""
+    info = _info(path)
+    return info.size if info.type == pafs.FileType.File else None
 
 
 def write_dir(path: str | os.PathLike, fill: Callable[[Path], None]) -> Path | str:
@@ -328,7 +347,7 @@ def _download(fs: pafs.FileSystem, src: str, dst: Path) -> dict[str, object]:
     """Copy one object to ``dst``; returns its size and SHA-256 as read."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     digest, size = hashlib.sha256(), 0
-    with fs.open_input_stream(src) as s, open(dst, "wb") as d:
+    with fs.open_input_file(src) as s, open(dst, "wb") as d:  # see read_bytes
         while chunk := s.read(CHUNK):
             digest.update(chunk)
             size += len(chunk)

@@ -203,6 +203,7 @@ def test_healthz_readyz_page_openapi(world, client):
         "n_captions": N_CAPTIONS,
         "img_dim": IMG_DIM,
         "embed_dim": DIM,
+        "models": [{"model_id": body["model_id"], "embed_dim": DIM}],  # the one model
     }
     assert len(body["model_id"]) == len(body["gallery_id"]) == 16
     assert "/" not in r.text  # no filesystem path or URI

@@ -49,6 +49,7 @@ from hrem_ray.checkpoint import load_checkpoint, read_record
 from hrem_ray.cli import main
 from hrem_ray.config import HREMConfig, load_config
 from hrem_ray.data.synth import write_synthetic
+from hrem_ray.eval.evaluate import evaluate_ensemble
 from hrem_ray.ray_runtime import ENV_DEFAULTS, init_ray
 from hrem_ray.tune.space import (
     SearchSpace,
@@ -57,8 +58,14 @@ from hrem_ray.tune.space import (
     load_space,
     parse_space,
 )
-from hrem_ray.tune.sweep import SweepOptions, run_sweep, trial_config
-from tests.helpers import alive
+from hrem_ray.tune.sweep import (
+    ENSEMBLE_JSON,
+    SweepOptions,
+    export_ensemble,
+    run_sweep,
+    trial_config,
+)
+from tests.helpers import TINY_MODEL, alive, run_err, tiny_data_and_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 2
@@ -438,6 +445,95 @@ def test_sweep_with_sleeping_knobs_fails_before_ray(no_ray, tmp_path, tiny_bert,
     assert seen["options"].allow_inactive is True
 
 
+@pytest.mark.parametrize(
+    ("k", "message"),
+    [("1", "must be an integer >= 2, got 1"), ("0", ">= 2"), ("-3", ">= 2"),
+     ("5", "--ensemble-top 5: the sweep runs at most 4 trial(s)")],
+)  # fmt: skip
+def test_cli_tune_ensemble_top_is_checked_before_ray(no_ray, tmp_path, capsys, k, message):
+    """E2E_SPACE is a grid of 4 trials: K must be 2 to 4, refused before Ray or any folder."""
+    space = _write(tmp_path / "space.yaml", E2E_SPACE)
+    line = run_err(capsys, "tune", "--space", str(space), "--ensemble-top", k,
+                   "--storage-path", str(tmp_path / "runs"))  # fmt: skip
+    assert message in line, line
+    assert not ray.is_initialized() and not (tmp_path / "runs").exists()
+    if int(k):  # run_sweep checks it too (its ensemble_top=0 means no ensemble)
+        options = SweepOptions(storage_path=str(tmp_path / "runs"), name="s", ensemble_top=int(k))
+        with pytest.raises(ValueError, match=r"--ensemble-top"):
+            run_sweep(load_config(None, SETS), parse_space(E2E_SPACE), options, log=print)
+    assert not ray.is_initialized() and not (tmp_path / "runs").exists()
+
+
+@pytest.fixture(scope="module")
+def trial_rows(tmp_path_factory, tiny_bert) -> tuple[Path, list[dict]]:
+    """Tiny data and the trial table of a finished sweep: three trials with a checkpoint
+    (fresh tiny models of different seeds) and one that failed before its first epoch."""
+    root = tmp_path_factory.mktemp("ensemble")
+    data, c1 = tiny_data_and_checkpoint(root, tiny_bert)
+    c2, c3 = root / "c2", root / "c3"
+    for seed, out in ((1, c2), (2, c3)):
+        main(["init-checkpoint", "--out", str(out), "--bert-path", tiny_bert, "--seed", str(seed),
+              *TINY_MODEL])  # fmt: skip
+    rows = [
+        {"trial": "t1", "best_rsum": 10.0, "checkpoint": str(c1)},
+        {"trial": "t2", "best_rsum": 30.0, "checkpoint": str(c2)},
+        {"trial": "t3", "best_rsum": 20.0, "checkpoint": str(c3)},
+        {"trial": "t4", "best_rsum": None, "checkpoint": None},
+    ]
+    return data, rows
+
+
+def test_export_ensemble_of_the_top_trials(no_ray, trial_rows, tmp_path):
+    """The K trials with the best dev rsum, best first: copies of their checkpoints and
+    ensemble.json, whose dev rsum is ``evaluate_ensemble`` of the exported members; a K
+    beyond the trials that finished with a checkpoint is refused and writes nothing."""
+    data, rows = trial_rows
+    c2, c3 = Path(rows[1]["checkpoint"]), Path(rows[2]["checkpoint"])
+    cfg = load_config(None, [f"data.data_path={data}"])
+    sweep, lines = tmp_path / "sweep", []
+    summary = export_ensemble(rows, 2, str(sweep), cfg, log=lines.append)
+    ens = sweep / "ensemble"
+    assert summary["path"] == str(ens)
+    assert sorted(p.name for p in ens.iterdir()) == [ENSEMBLE_JSON, "member1", "member2"]
+    assert _same_tree(ens / "member1", c2) and _same_tree(ens / "member2", c3)
+    record = json.loads((ens / ENSEMBLE_JSON).read_text())
+    assert [(m["dir"], m["trial"], m["dev_rsum"], m["source"]) for m in record["members"]] == [
+        ("member1", "t2", 30.0, str(c2)),
+        ("member2", "t3", 20.0, str(c3)),
+    ]
+    want = evaluate_ensemble([ens / "member1", ens / "member2"], data, "f30k", "dev")
+    assert record["dev_rsum"] == summary["dev_rsum"] == want["rsum"]
+    assert record["dev_metrics"]["i2t"] == want["i2t"] and record["split"] == "dev"
+    assert record["best_single_dev_rsum"] == 30.0
+    assert f"dev rsum {want['rsum']:.2f}, best single trial t2: 30.00" in lines[-1]
+    assert sorted(p.name for p in sweep.iterdir()) == ["ensemble"]  # no temporary folder
+
+    with pytest.raises(ValueError, match=r"--ensemble-top 4: only 3 trial\(s\)"):
+        export_ensemble(rows, 4, str(tmp_path / "other"), cfg, log=lines.append)
+    assert not (tmp_path / "other").exists()
+
+
+def test_export_ensemble_to_a_uri(no_ray, trial_rows, s3_server):
+    """On an object store: ensemble.json and the members readable through their URIs, the
+    completeness marker written, and the same dev rsum from the members read back."""
+    from hrem_ray import storage
+    from tests.conftest import S3_BUCKET
+
+    data, rows = trial_rows
+    cfg = load_config(None, [f"data.data_path={data}"])
+    sweep = f"s3://{S3_BUCKET}/sweeps/ens"
+    summary = export_ensemble(rows, 3, sweep, cfg, log=lambda _: None)
+    ens = f"{sweep}/ensemble"
+    assert summary["path"] == ens
+    assert storage.exists(f"{ens}/{storage.MARKER}")
+    record = json.loads(storage.read_text(f"{ens}/{ENSEMBLE_JSON}"))
+    assert [m["trial"] for m in record["members"]] == ["t2", "t3", "t1"]
+    members = [f"{ens}/{m['dir']}" for m in record["members"]]
+    for member, row in zip(members, (rows[1], rows[2], rows[0]), strict=True):
+        assert read_record(member)["config"] == read_record(row["checkpoint"])["config"]
+    assert record["dev_rsum"] == evaluate_ensemble(members, data, "f30k", "dev")["rsum"]
+
+
 # --------------------------------------------------------------------------- helpers for Ray
 
 
@@ -534,10 +630,11 @@ def _worker_ray_address() -> str | None:
 
 @pytest.mark.ray
 @pytest.mark.slow
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(330)
 def test_sweep_end_to_end(sweep_ray, sweep_data, tiny_bert, tmp_path, capsys):
     """4 trials x 2 epochs, one at a time, under ASHA: the two at a near-zero learning rate
-    stop after epoch 1; best/ is the best trial's best checkpoint and evaluates; the trial
+    stop after epoch 1; best/ is the best trial's best checkpoint and evaluates; ensemble/
+    (--ensemble-top 2) holds the two best trials and their ensemble's dev rsum; the trial
     tables and the plot are written; every CPU is free again afterwards."""
     # Ray processes know their own cluster (the state API finds it through RAY_ADDRESS)
     assert ray.get(_worker_ray_address.remote()) == ray.get_runtime_context().gcs_address
@@ -545,7 +642,7 @@ def test_sweep_end_to_end(sweep_ray, sweep_data, tiny_bert, tmp_path, capsys):
     storage = tmp_path / "runs"
     space = _write(tmp_path / "space.yaml", E2E_SPACE)
     start = time.monotonic()
-    main(_tune_argv(space, sweep_data, tiny_bert, storage, "e2e"))
+    main([*_tune_argv(space, sweep_data, tiny_bert, storage, "e2e"), "--ensemble-top", "2"])
     seconds = time.monotonic() - start
     out = capsys.readouterr().out
     best = _best_from_stdout(out)
@@ -577,6 +674,22 @@ def test_sweep_end_to_end(sweep_ray, sweep_data, tiny_bert, tmp_path, capsys):
     assert record["meta"]["metrics"]["rsum"] == top["best_rsum"]
     assert load_checkpoint(best).config.train.lr == top["train.lr"]
     assert f"best trial {top['trial']}: dev rsum {top['best_rsum']:.2f}" in out
+
+    # ensemble/ beside best/: the two best trials' checkpoints, best first, and their dev rsum
+    ens = sweep / "ensemble"
+    record = json.loads((ens / ENSEMBLE_JSON).read_text())
+    ranked = sorted(rows, key=lambda r: -r["best_rsum"])[:2]
+    assert [m["trial"] for m in record["members"]] == [r["trial"] for r in ranked]
+    members = [ens / m["dir"] for m in record["members"]]
+    for member, row, folder in zip(record["members"], ranked, members, strict=True):
+        assert member["dev_rsum"] == row["best_rsum"]
+        assert read_record(folder)["meta"]["metrics"]["rsum"] == row["best_rsum"]
+        assert _same_tree(folder, Path(row["checkpoint"]))
+    want = evaluate_ensemble(members, sweep_data, "f30k", "dev")
+    assert record["dev_rsum"] == want["rsum"]
+    assert record["best_single_dev_rsum"] == top["best_rsum"]
+    assert (f"dev rsum {want['rsum']:.2f}, best single trial {top['trial']}: "
+            f"{top['best_rsum']:.2f}") in out  # fmt: skip
 
     width, height = _png_size(sweep / "sweep.png")
     assert width >= 400 and height >= 200

@@ -124,19 +124,24 @@ def open_features(path: str | Path) -> np.ndarray:
 
 def read_captions(path: str | Path) -> list[str]:
     """One caption per line; only the line ending is stripped (captions keep their spaces)."""
+    return parse_captions(Path(path).read_bytes(), path)
+
+
+def parse_captions(data: bytes, name: str | Path) -> list[str]:
+    """The captions of a captions file's bytes; ``name`` names the file in errors."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise PrecompError(f"{path}: not valid UTF-8 ({e})") from None
+        raise PrecompError(f"{name}: not valid UTF-8 ({e})") from None
     if not text:
-        raise PrecompError(f"{path}: captions file is empty")
-    lines = text.split("\n")
+        raise PrecompError(f"{name}: captions file is empty")
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")  # universal newlines
     if lines[-1] == "":
         lines.pop()
-    captions = [line[:-1] if line.endswith("\r") else line for line in lines]
+    captions = lines
     for number, caption in enumerate(captions, start=1):
         if not caption.strip():
-            raise PrecompError(f"{path}: line {number} is an empty caption")
+            raise PrecompError(f"{name}: line {number} is an empty caption")
     return captions
 
 

@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from hrem_ray.data.precomp import PrecompSplit, open_split
+from hrem_ray.data.precomp import PrecompSplit
+from hrem_ray.data.shards import local_split
 from hrem_ray.data.tokenize import CaptionTokenizer
 from hrem_ray.embed import embed_split
 from hrem_ray.eval.encode import similarity
@@ -100,7 +101,7 @@ def evaluate_ensemble(
 
     if not checkpoints and not sims_files:
         raise ValueError("nothing to evaluate: give --checkpoint or --sims")
-    data = open_split(data_path, dataset, split)
+    data = local_split(data_path, dataset, split)
     if fold5:
         _check_fold5(data)
     saved = [load_sims(f, data) for f in sims_files]

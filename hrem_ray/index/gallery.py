@@ -1,7 +1,7 @@
 """A retrieval gallery: a split's images and captions encoded once, searched by top-k.
 
     GALLERY/
-      manifest.json        checkpoint it was built with, dataset, split, sizes, dtype, ivf
+      manifest.json        checkpoint(s) it was built with, dataset, split, sizes, dtype, ivf
       image_embs.npy       [n_images, D] float32 or float16, L2-normalised
       caption_embs.npy     [n_captions, D]
       captions.parquet     caption_id, image_id, text
@@ -13,13 +13,18 @@ share the page cache instead of each holding a copy. Search is exact unless the 
 built with IVF indexes, which trade a measured recall (``manifest["ivf"]``) for speed.
 A gallery may live at a URI (``s3://...``): it is written with a completeness marker and
 opened from this node's cache (``hrem_ray.storage``, docs/storage.md).
+
+An ensemble gallery (several checkpoints) holds ``embed.ensemble_embedding`` vectors: one dot
+product is the mean of the models' cosine similarities. Its manifest lists the models in
+order (``models``: checkpoint, weights id, embedding size), so that a query is encoded by the
+same models in the same order; a one-model gallery has ``checkpoint`` instead.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,10 +34,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hrem_ray import storage
-from hrem_ray.checkpoint import load_checkpoint
-from hrem_ray.data.precomp import CAPTIONS_PER_IMAGE, open_split
+from hrem_ray.checkpoint import load_checkpoint, read_record
+from hrem_ray.data.precomp import CAPTIONS_PER_IMAGE
+from hrem_ray.data.shards import local_split
 from hrem_ray.data.tokenize import CaptionTokenizer
-from hrem_ray.embed import embed_split
+from hrem_ray.embed import embed_split, ensemble_embedding, model_id
 from hrem_ray.eval.encode import check_batch_size
 from hrem_ray.index.ivf import (
     DEFAULT_NPROBE,
@@ -58,7 +64,7 @@ class GalleryError(ValueError):
 
 
 def build_gallery(
-    checkpoint: str | Path,
+    checkpoint: str | Path | Sequence[str | Path],
     data_path: str | Path,
     dataset: str,
     split: str,
@@ -71,27 +77,43 @@ def build_gallery(
     nprobe: int = DEFAULT_NPROBE,
     progress: Callable[[str], None] | None = None,
 ) -> Path | str:
-    """Encode every image and caption of a precomp split with a checkpoint; write ``out``
-    (a folder or a URI).
+    """Encode every image and caption of a precomp split with a checkpoint, or with several
+    (an ensemble gallery, ``ensemble_embedding`` of theirs in this order); write ``out`` (a
+    folder or a URI).
 
     ``ivf`` > 0 also trains IVF indexes with that many lists (see ``write_gallery``).
     """
+    checkpoints = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
+    if not checkpoints:
+        raise ValueError("no checkpoint to build the gallery with")
     check_batch_size(batch_size)  # before minutes of loading, not as a range() error
     storage.check_access(out)
-    data = open_split(data_path, dataset, split)
+    data = local_split(data_path, dataset, split)
     _check_options(dtype, ivf, nprobe, data.n_images)  # before minutes of encoding
-    ck = load_checkpoint(checkpoint, device=device)
-    tokenizer = CaptionTokenizer.from_dir(ck.backbone_dir, max_tokens=ck.config.data.max_tokens)
-    imgs, caps = embed_split(ck.model, data, tokenizer, batch_size=batch_size, device=device,
-                             progress=progress)  # fmt: skip
-    meta = {
-        "checkpoint": storage.absolute(checkpoint),
-        "checkpoint_meta": ck.meta,
-        "dataset": dataset,
-        "split": split,
-    }
-    return write_gallery(out, imgs, caps, data.captions, meta, dtype=dtype, ivf=ivf,
-                         nprobe=nprobe, progress=progress)  # fmt: skip
+    for path in checkpoints:  # every one, before the first is encoded
+        read_record(path)
+    image_parts, caption_parts, models = [], [], []
+    for path in checkpoints:
+        ck = load_checkpoint(path, device=device)
+        tokenizer = CaptionTokenizer.from_dir(ck.backbone_dir, max_tokens=ck.config.data.max_tokens)
+        imgs, caps = embed_split(ck.model, data, tokenizer, batch_size=batch_size, device=device,
+                                 progress=progress)  # fmt: skip
+        image_parts.append(imgs)
+        caption_parts.append(caps)
+        models.append({"checkpoint": storage.absolute(path), "dim": int(imgs.shape[1]),
+                       "checkpoint_meta": ck.meta})  # fmt: skip
+        if len(checkpoints) > 1:  # what a server checks it is given, in this order
+            models[-1]["model_id"] = model_id(ck.model)
+        del ck
+    if len(models) == 1:
+        meta = {"checkpoint": models[0]["checkpoint"],
+                "checkpoint_meta": models[0]["checkpoint_meta"]}  # fmt: skip
+    else:
+        meta = {"models": models}
+    meta.update({"dataset": dataset, "split": split})
+    return write_gallery(out, ensemble_embedding(image_parts), ensemble_embedding(caption_parts),
+                         data.captions, meta, dtype=dtype, ivf=ivf, nprobe=nprobe,
+                         progress=progress)  # fmt: skip
 
 
 def write_gallery(
@@ -266,6 +288,12 @@ class Gallery:
                 f"{imgs.dtype}, captions {caps.shape} {caps.dtype}, {len(texts)} texts; "
                 f"manifest {claimed}): rebuild it with hrem-ray index"
             )
+        if "models" in manifest and not _valid_models(manifest["models"], imgs.shape[1]):
+            raise GalleryError(
+                f"gallery {shown}: the models of its manifest do not make its {imgs.shape[1]}-d "
+                "embeddings (a list of 2 or more, each with a model_id and a dim adding up to "
+                "it): rebuild it with hrem-ray index"
+            )
         if "ivf" not in manifest:
             return cls(path, manifest, imgs, caps, texts)
         ivfs = _open_ivf(path, shown, manifest["ivf"], imgs, caps)
@@ -279,6 +307,13 @@ class Gallery:
     def n_captions(self) -> int:
         return int(self.caption_embs.shape[0])
 
+    @property
+    def model_ids(self) -> list[str] | None:
+        """The weights ids (``embed.model_id``) of the models of an ensemble gallery, in the
+        order its embeddings concatenate them; None for a gallery of one model."""
+        models = self.manifest.get("models")
+        return None if models is None else [m["model_id"] for m in models]
+
     def captions_of(self, image_id: int) -> list[str]:
         start = image_id * CAPTIONS_PER_IMAGE
         return self.captions[start : start + CAPTIONS_PER_IMAGE]
@@ -290,6 +325,23 @@ class Gallery:
     def search_captions(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k caption ids and scores for each image embedding."""
         return search(queries, self.caption_embs, self.caption_ivf, k)
+
+
+def _valid_models(models: Any, dim: int) -> bool:
+    """``manifest["models"]`` of an ensemble gallery: 2+ models whose sizes add up to ``dim``."""
+    return (
+        isinstance(models, list)
+        and len(models) >= 2
+        and all(
+            isinstance(m, dict)
+            and isinstance(m.get("model_id"), str)
+            and isinstance(m.get("dim"), int)
+            and not isinstance(m.get("dim"), bool)
+            and m["dim"] >= 1
+            for m in models
+        )
+        and sum(m["dim"] for m in models) == dim
+    )
 
 
 def _require(path: Path, shown: str, names: tuple[str, ...]) -> None:

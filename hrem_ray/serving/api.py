@@ -172,6 +172,11 @@ class Health(BaseModel):
     status: Literal["ok"]
 
 
+class ServedModel(BaseModel):
+    model_id: str
+    embed_dim: int
+
+
 class Status(BaseModel):
     status: Literal["ready"]
     model_id: str
@@ -180,6 +185,7 @@ class Status(BaseModel):
     n_captions: int
     img_dim: int
     embed_dim: int
+    models: list[ServedModel]  # one, or an ensemble's in order; embed_dim is their sum
 
 
 def image_models(img_dim: int) -> dict[str, Any]:

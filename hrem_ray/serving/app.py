@@ -4,7 +4,8 @@
 embedding, and carries the FastAPI app of ``api.py`` itself, so a request goes proxy ->
 replica in one hop (docs/serving.md). A new checkpoint or gallery arrives through
 ``user_config`` (``reconfigure``): it is loaded first and swapped in atomically, so requests
-in flight finish on the old one.
+in flight finish on the old one. Several checkpoints serve an ensemble gallery
+(``hrem-ray index`` with the same checkpoints, in the same order).
 """
 
 from __future__ import annotations
@@ -19,10 +20,8 @@ import numpy as np
 from ray import serve
 
 from hrem_ray import storage
-from hrem_ray.checkpoint import read_record
-from hrem_ray.index.gallery import Gallery
 from hrem_ray.serving.api import LocalBackend, build_app, check_api_key
-from hrem_ray.serving.service import Model, RetrievalService
+from hrem_ray.serving.service import Model, RetrievalService, check_served, checkpoint_list
 
 # No waiting for a batch to fill: a lone query runs at once (a 5 ms wait cost 5 ms at
 # concurrency 1), and under load the queries that arrive while a batch runs form the next one.
@@ -58,7 +57,7 @@ class Retriever(RetrievalService):
     memory-mapped gallery, one hop from Serve's proxy (docs/serving.md: one hop measured
     faster than an ingress deployment in front). Text queries are batched here."""
 
-    def __init__(self, checkpoint: str, gallery: str, api_key: str | None = None):
+    def __init__(self, checkpoint: str | list[str], gallery: str, api_key: str | None = None):
         super().__init__(checkpoint, gallery)
         self.api_key = api_key or os.environ.get("HREM_API_KEY") or None
 
@@ -66,9 +65,10 @@ class Retriever(RetrievalService):
         return build_app(LocalBackend(self), api_key=self.api_key)
 
     def reconfigure(self, config: dict[str, Any]) -> None:
-        """user_config: {checkpoint, gallery, max_batch_size, batch_wait_timeout_s}."""
+        """user_config: {checkpoint (one, or a list for an ensemble), gallery, max_batch_size,
+        batch_wait_timeout_s}."""
         self.swap(
-            config.get("checkpoint", self.current.checkpoint),
+            config.get("checkpoint", self.current.checkpoints),
             config.get("gallery", self.current.gallery_ref),
         )
         batch = {**DEFAULT_BATCH, **config}
@@ -87,7 +87,8 @@ class Retriever(RetrievalService):
 
 
 def app_builder(args: dict[str, str]) -> serve.Application:
-    """``serve run``/``serve deploy`` entry: args ``checkpoint``, ``gallery``, ``api_key``."""
+    """``serve run``/``serve deploy`` entry: args ``checkpoint`` (a list for an ensemble),
+    ``gallery``, ``api_key``."""
     missing = [k for k in ("checkpoint", "gallery") if not args.get(k)]
     if missing:
         raise ValueError(f"the HREM app needs the argument(s) {', '.join(missing)}")
@@ -97,23 +98,28 @@ def app_builder(args: dict[str, str]) -> serve.Application:
 
 
 def run_service(
-    checkpoint: str,
+    checkpoint: str | list[str],
     gallery: str,
     *,
     host: str = "127.0.0.1",
     port: int = 8000,
     api_key: str | None = None,
     max_replicas: int = 2,
+    check: bool = True,
 ) -> str:
-    """Start the app on the current Ray cluster; returns its URL (it keeps running)."""
-    read_record(checkpoint)  # fail here, not in a replica
-    Gallery.open(gallery)
+    """Start the app on the current Ray cluster; returns its URL (it keeps running).
+    ``checkpoint``: one, or an ensemble's in the order its gallery was built with.
+    ``check=False``: the caller has already run ``check_served``."""
+    checkpoints = checkpoint_list(checkpoint)
+    if check:
+        check_served(checkpoints, gallery)  # fail here, not in a replica
     if api_key:
         check_api_key(api_key)
     serve.start(http_options={"host": host, "port": port, **HTTP_TIMEOUTS})
     autoscaling = {**AUTOSCALING, "max_replicas": max(max_replicas, AUTOSCALING["min_replicas"])}
+    served = [storage.absolute(c) for c in checkpoints]
     app = Retriever.options(autoscaling_config=autoscaling).bind(
-        storage.absolute(checkpoint), storage.absolute(gallery), api_key
+        served[0] if len(served) == 1 else served, storage.absolute(gallery), api_key
     )
     serve.run(app, name="hrem", route_prefix="/")
     return f"http://{host}:{port}"

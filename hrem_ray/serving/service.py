@@ -1,4 +1,5 @@
-"""Retrieval over a gallery with a trained model: every operation of the service, once.
+"""Retrieval over a gallery with a trained model (or an ensemble of them): every operation of
+the service, once.
 
 ``RetrievalService`` holds the operations (search by text, image id or features; embed;
 status) as async methods; the HTTP layer (``api.py``) only parses requests and forwards them
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,10 +20,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from hrem_ray.checkpoint import load_checkpoint
+from hrem_ray.checkpoint import load_checkpoint, read_record
 from hrem_ray.data.precomp import CAPTIONS_PER_IMAGE
 from hrem_ray.data.tokenize import CaptionTokenizer
-from hrem_ray.embed import embed_captions, embed_features
+from hrem_ray.embed import embed_captions, embed_features, ensemble_embedding, model_id
 from hrem_ray.index.gallery import Gallery, check_k
 from hrem_ray.index.ivf import import_faiss
 
@@ -69,19 +71,16 @@ class Reply:
 
 
 @dataclass
-class Model:
-    """One checkpoint and one gallery, swapped as a unit: a query embedded by a model searches
-    that model's gallery."""
+class Member:
+    """One checkpoint's towers: the served model, or one model of an ensemble."""
 
     checkpoint: str
-    gallery_ref: str
     device: str
     model: Any = field(init=False)
     tokenizer: CaptionTokenizer = field(init=False)
-    gallery: Gallery = field(init=False)
     img_dim: int = field(init=False)
+    embed_dim: int = field(init=False)
     model_id: str = field(init=False)
-    gallery_id: str = field(init=False)
 
     def __post_init__(self) -> None:
         ck = load_checkpoint(self.checkpoint, device=self.device)
@@ -89,62 +88,163 @@ class Model:
         self.tokenizer = CaptionTokenizer.from_dir(
             ck.backbone_dir, max_tokens=ck.config.data.max_tokens
         )
-        self.gallery = Gallery.open(self.gallery_ref)
-        if self.gallery.manifest.get("ivf"):
-            import_faiss().omp_set_num_threads(1)  # one core per replica, as torch
-        dim = ck.config.model.embed_size
-        if self.gallery.manifest["dim"] != dim:
-            raise ValueError(
-                f"gallery {self.gallery_ref} has {self.gallery.manifest['dim']}-d embeddings "
-                f"but the checkpoint {self.checkpoint} makes {dim}-d ones: rebuild it with "
-                "hrem-ray index"
-            )
         self.img_dim = ck.config.model.img_dim
-        self.model_id = _weights_id(ck.model)
-        self.gallery_id = _digest(json.dumps(self.gallery.manifest, sort_keys=True).encode())
+        self.embed_dim = ck.config.model.embed_size
+        self.model_id = model_id(ck.model)
 
     def embed_texts(self, queries: list[str]) -> np.ndarray:
-        """[n, D] embeddings of already-validated queries, one forward pass (embed.py)."""
         return embed_captions(
             self.model, self.tokenizer, queries, batch_size=len(queries), device=self.device
         )
+
+    def embed_image(self, features: np.ndarray) -> np.ndarray:
+        emb = embed_features(self.model, features[None], batch_size=1, device=self.device)[0]
+        # Inputs within MAX_FEATURE_ABS keep the model finite; this guards the L2
+        # normalisation against overflow all the same (a zero "unit" vector).
+        if not np.isfinite(emb).all() or abs(np.linalg.norm(emb.astype(np.float64)) - 1) > 1e-3:
+            raise RequestError("features too large: the model's output is not a unit vector")
+        return emb
+
+
+@dataclass
+class Model:
+    """The checkpoint(s) and the gallery, swapped as a unit: a query embedded by these models
+    searches their gallery. Several checkpoints are an ensemble: a query's embedding is
+    ``ensemble_embedding`` of theirs, in the order the gallery was built with."""
+
+    checkpoints: tuple[str, ...]
+    gallery_ref: str
+    device: str
+    members: list[Member] = field(init=False)
+    gallery: Gallery = field(init=False)
+    img_dim: int = field(init=False)
+    model_id: str = field(init=False)
+    gallery_id: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.checkpoints = checkpoint_list(self.checkpoints)
+        self.gallery = Gallery.open(self.gallery_ref)
+        check_models(self.gallery, self.gallery_ref, self.checkpoints)  # before loading any
+        self.members = [Member(c, self.device) for c in self.checkpoints]
+        ids = [m.model_id for m in self.members]
+        check_models(self.gallery, self.gallery_ref, self.checkpoints, ids)
+        if self.gallery.manifest.get("ivf"):
+            import_faiss().omp_set_num_threads(1)  # one core per replica, as torch
+        dim = sum(m.embed_dim for m in self.members)
+        if self.gallery.manifest["dim"] != dim:
+            raise ValueError(
+                f"gallery {self.gallery_ref} has {self.gallery.manifest['dim']}-d embeddings "
+                f"but the checkpoint {', '.join(self.checkpoints)} makes {dim}-d ones: rebuild "
+                "it with hrem-ray index"
+            )
+        img_dims = sorted({m.img_dim for m in self.members})
+        if len(img_dims) != 1:  # not the models of any gallery
+            raise ValueError(f"the checkpoints take features of different sizes {img_dims}")
+        self.img_dim = img_dims[0]
+        self.model_id = ids[0] if len(ids) == 1 else _digest(" ".join(ids).encode())
+        self.gallery_id = _digest(json.dumps(self.gallery.manifest, sort_keys=True).encode())
+
+    def embed_texts(self, queries: list[str]) -> np.ndarray:
+        """[n, D] embeddings of already-validated queries, one forward pass per model."""
+        return ensemble_embedding([m.embed_texts(queries) for m in self.members])
+
+    def embed_image(self, features: np.ndarray) -> np.ndarray:
+        """The [D] embedding of one image's validated [regions, img_dim] features."""
+        return ensemble_embedding([m.embed_image(features) for m in self.members])
+
+
+def checkpoint_list(checkpoint: str | Path | Sequence[str | Path]) -> tuple[str, ...]:
+    """One checkpoint or several (an ensemble) as a tuple of strings."""
+    if isinstance(checkpoint, (str, Path)):
+        return (str(checkpoint),)
+    checkpoints = tuple(str(c) for c in checkpoint)
+    if not checkpoints:
+        raise ValueError("no checkpoint to serve")
+    return checkpoints
+
+
+def check_models(
+    gallery: Gallery, shown: str, checkpoints: Sequence[str], ids: Sequence[str] | None = None
+) -> None:
+    """The checkpoints must be the models ``gallery`` was built with: as many, and for an
+    ensemble gallery the same weights (their ``ids``, when given) in the same order."""
+    want = gallery.model_ids
+    if want is None:
+        if len(checkpoints) != 1:
+            raise ValueError(
+                f"gallery {shown} was built with one checkpoint, not {len(checkpoints)}: build "
+                "an ensemble gallery with hrem-ray index and the same --checkpoint flags"
+            )
+        return
+    built = [str(m.get("checkpoint", "?")) for m in gallery.manifest["models"]]
+    if len(checkpoints) != len(want):
+        raise ValueError(
+            f"gallery {shown} was built with {len(want)} checkpoints ({', '.join(built)}), "
+            f"not {len(checkpoints)}"
+        )
+    if ids is None or list(ids) == want:
+        return
+    if sorted(ids) == sorted(want):
+        order = ", ".join(checkpoints[list(ids).index(i)] for i in want)
+        raise ValueError(
+            f"gallery {shown} was built with these checkpoints in another order: give them "
+            f"as {order}"
+        )
+    i = next(i for i, (a, b) in enumerate(zip(ids, want, strict=True)) if a != b)
+    raise ValueError(
+        f"checkpoint {i + 1} ({checkpoints[i]}, weights id {ids[i]}) is not model {i + 1} of "
+        f"gallery {shown} ({built[i]}, weights id {want[i]}): give the checkpoints it was "
+        "built with, in its order, or rebuild it with hrem-ray index"
+    )
+
+
+def check_served(checkpoint: str | Path | Sequence[str | Path], gallery: str | Path) -> None:
+    """What a replica would refuse, checked once at start-up: the checkpoints exist, the
+    gallery opens, and they belong together (for an ensemble gallery its models in its
+    order, their weights loaded here once to compare ids)."""
+    checkpoints = checkpoint_list(checkpoint)
+    for path in checkpoints:
+        read_record(path)
+    opened = Gallery.open(gallery)
+    check_models(opened, str(gallery), checkpoints)
+    if opened.model_ids is not None:
+        ids = [model_id(load_checkpoint(c).model) for c in checkpoints]
+        check_models(opened, str(gallery), checkpoints, ids)
 
 
 def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
-def _weights_id(model: torch.nn.Module) -> str:
-    """A content id of the weights: the same checkpoint copied anywhere has the same id."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().flatten().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 class RetrievalService:
-    """A checkpoint's towers plus a gallery; one per replica (not thread-safe)."""
+    """Towers (one checkpoint's, or an ensemble's) plus a gallery; one per replica (not
+    thread-safe)."""
 
-    def __init__(self, checkpoint: str | Path, gallery: str | Path, device: str = "cpu"):
+    def __init__(
+        self,
+        checkpoint: str | Path | Sequence[str | Path],
+        gallery: str | Path,
+        device: str = "cpu",
+    ):
         torch.set_num_threads(1)
         self.device = device
-        self.current = Model(str(checkpoint), str(gallery), device)
+        self.current = Model(checkpoint_list(checkpoint), str(gallery), device)
 
-    def swap(self, checkpoint: str | Path, gallery: str | Path) -> None:
-        """Load a new checkpoint and gallery, then swap them in with one assignment, so that
+    def swap(self, checkpoint: str | Path | Sequence[str | Path], gallery: str | Path) -> None:
+        """Load new checkpoint(s) and gallery, then swap them in with one assignment, so that
         requests in flight finish on the old pair. The request schema was built for the
         current shapes, so a swap must keep them."""
-        if (str(checkpoint), str(gallery)) == (self.current.checkpoint, self.current.gallery_ref):
+        checkpoints = checkpoint_list(checkpoint)
+        if (checkpoints, str(gallery)) == (self.current.checkpoints, self.current.gallery_ref):
             return
-        new = Model(str(checkpoint), str(gallery), self.device)
+        new = Model(checkpoints, str(gallery), self.device)
         old = self.current
         if (new.img_dim, new.gallery.manifest["dim"]) != (
             old.img_dim,
             old.gallery.manifest["dim"],
         ):
             raise ValueError(
-                f"{checkpoint} takes {new.img_dim}-d features and makes "
+                f"{', '.join(checkpoints)} takes {new.img_dim}-d features and makes "
                 f"{new.gallery.manifest['dim']}-d embeddings, the running one "
                 f"{old.img_dim}-d and {old.gallery.manifest['dim']}-d: deploy it as a new "
                 "application instead of swapping it in"
@@ -177,7 +277,7 @@ class RetrievalService:
         if image_id is not None:
             emb = self.gallery_image(image_id)
         else:
-            emb = self._embed_image(model, self.check_features(features))
+            emb = model.embed_image(self.check_features(features))
         return Reply({"results": [h.to_json() for h in captions_for(model, emb, k)]})
 
     async def embed_text(self, query: str) -> Reply:
@@ -185,11 +285,13 @@ class RetrievalService:
         return Reply({"embedding": emb.tolist()}, batch)
 
     async def embed_image(self, features: Any) -> Reply:
-        emb = self._embed_image(self.current, self.check_features(features))
+        emb = self.current.embed_image(self.check_features(features))
         return Reply({"embedding": emb.tolist()})
 
     async def status(self) -> Reply:
-        """Readiness without filesystem paths or URIs: ids, sizes and shapes only."""
+        """Readiness without filesystem paths or URIs: ids, sizes and shapes only. ``models``
+        lists the served models in order (one, or an ensemble's); ``model_id`` is the one
+        model's weights id, or for an ensemble a hash of its models' ids in order."""
         m = self.current
         return Reply(
             {
@@ -200,6 +302,7 @@ class RetrievalService:
                 "n_captions": m.gallery.n_captions,
                 "img_dim": m.img_dim,
                 "embed_dim": int(m.gallery.manifest["dim"]),
+                "models": [{"model_id": x.model_id, "embed_dim": x.embed_dim} for x in m.members],
             }
         )
 
@@ -221,15 +324,6 @@ class RetrievalService:
 
     def gallery_image(self, image_id: int) -> np.ndarray:
         return np.asarray(self.gallery.image_embs[self.check_image_id(image_id)], np.float32)
-
-    @staticmethod
-    def _embed_image(model: Model, features: np.ndarray) -> np.ndarray:
-        emb = embed_features(model.model, features[None], batch_size=1, device=model.device)[0]
-        # Inputs within MAX_FEATURE_ABS keep the model finite; this guards the L2
-        # normalisation against overflow all the same (a zero "unit" vector).
-        if not np.isfinite(emb).all() or abs(np.linalg.norm(emb.astype(np.float64)) - 1) > 1e-3:
-            raise RequestError("features too large: the model's output is not a unit vector")
-        return emb
 
     # -- validation -------------------------------------------------------------------
     @staticmethod

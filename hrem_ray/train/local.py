@@ -11,6 +11,7 @@ from pathlib import Path
 from hrem_ray import storage
 from hrem_ray.config import HREMConfig
 from hrem_ray.data.batches import train_batches
+from hrem_ray.data.shards import ShardedSplit
 from hrem_ray.train.history import write_history
 from hrem_ray.train.loop import EpochReport, fit
 from hrem_ray.train.setup import (
@@ -41,6 +42,9 @@ def train_local(
     check_new_run(run_dir, resume)
     cfg = resolve_config(cfg)
     train = check_data(cfg)
+    if isinstance(train, ShardedSplit):
+        raise ValueError(f"{train.root} is a sharded split: train on it with Ray Train "
+                         "(`hrem-ray train` without --local)")  # fmt: skip
     data = cfg.data
     last = storage.join(run_dir, "last")
     with tempfile.TemporaryDirectory(prefix="hrem-run-") as tmp:

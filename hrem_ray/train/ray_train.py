@@ -26,8 +26,15 @@ from ray.train.torch import TorchTrainer
 from hrem_ray import storage
 from hrem_ray.checkpoint import copy_checkpoint, load_train_state
 from hrem_ray.config import HREMConfig
-from hrem_ray.data.precomp import open_split
-from hrem_ray.data.ray_data import pairs_dataset, shard_batches
+from hrem_ray.data.precomp import PrecompSplit
+from hrem_ray.data.ray_data import (
+    data_error,
+    pairs_dataset,
+    shard_batches,
+    sharded_batches,
+    steps_per_epoch,
+)
+from hrem_ray.data.shards import ShardedSplit, open_training_split, verify_shards
 from hrem_ray.ray_runtime import LineRelay
 from hrem_ray.train.distributed import gather_encoded, world_size, wrap_ddp
 from hrem_ray.train.history import write_history
@@ -85,16 +92,25 @@ def train_worker(config: dict[str, Any]) -> None:
         wrapped = wrap_ddp(trainee.model, device_ids=ids)
 
     data = cfg.data
-    train = open_split(data.data_path, data.dataset, data.train_split)
+    train = open_training_split(data.data_path, data.dataset, data.train_split)
     local_batch = cfg.train.batch_size // workers
-    steps = train.n_captions // workers // local_batch
-    shard = ray.train.get_dataset_shard("train")
+    steps = steps_per_epoch(train, workers, local_batch)
+    augment = dict(seed=cfg.train.seed, rank=rank, region_keep=data.region_keep,
+                   word_aug=data.word_aug)  # fmt: skip
+    if isinstance(train, ShardedSplit):
 
-    def epoch_batches(epoch: int):
-        return shard_batches(
-            shard, train, trainee.tokenizer, local_batch, steps, seed=cfg.train.seed,
-            epoch=epoch, rank=rank, region_keep=data.region_keep, word_aug=data.word_aug,
-        )  # fmt: skip
+        def epoch_batches(epoch: int):
+            return sharded_batches(
+                train, cfg.model.bert_path, data.max_tokens, local_batch, epoch=epoch,
+                workers=workers, shuffle_buffer=data.shuffle_buffer, **augment,
+            )  # fmt: skip
+    else:
+        shard = ray.train.get_dataset_shard("train")
+
+        def epoch_batches(epoch: int):
+            return shard_batches(
+                shard, train, trainee.tokenizer, local_batch, steps, epoch=epoch, **augment
+            )
 
     evaluate_dev = dev_evaluator(trainee, device) if rank == 0 else None
 
@@ -148,8 +164,25 @@ def build_trainer(
             failure_config=FailureConfig(max_failures=options.max_failures),
             callbacks=callbacks,
         ),
-        datasets={"train": pairs_dataset(train, cfg.model.bert_path, cfg.data.max_tokens)},
+        datasets=_datasets(train, cfg),
     )
+
+
+def _datasets(train: PrecompSplit | ShardedSplit, cfg: HREMConfig) -> dict | None:
+    """The light caption rows of a memory-mapped split; a sharded one is read per epoch by
+    each worker's own pipeline (``data/ray_data.py``)."""
+    if isinstance(train, ShardedSplit):
+        return None
+    return {"train": pairs_dataset(train, cfg.model.bert_path, cfg.data.max_tokens)}
+
+
+def check_shards(cfg: HREMConfig, log: Callable[[str], None] | None = None) -> None:
+    """Read a sharded train split once and check every shard's checksum, before any worker
+    starts (a memory-mapped split is checked batch by batch instead)."""
+    data = resolve_config(cfg).data
+    train = open_training_split(data.data_path, data.dataset, data.train_split)
+    if isinstance(train, ShardedSplit):
+        verify_shards(train, log)
 
 
 def train_ray(
@@ -159,10 +192,11 @@ def train_ray(
     inside the run's storage, local or a URI, next to the run's metrics files."""
     path = run_path(options.storage_path, options.name)
     check_new_run(path, options.resume)
+    check_shards(cfg, log)
     with LineRelay(log) as relay:
         result = build_trainer(cfg, options, log=relay.send).fit()
     if result.error is not None:
-        raise result.error
+        raise data_error(result.error) or result.error
     best, metrics = max(result.best_checkpoints or [], key=lambda cm: cm[1].get(METRIC, -1e9),
                         default=(None, None))  # fmt: skip
     if best is None:

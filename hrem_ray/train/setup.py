@@ -16,7 +16,8 @@ from hrem_ray import storage
 from hrem_ray.backbone import default_bert_path
 from hrem_ray.checkpoint import load_train_state, load_weights, save_checkpoint
 from hrem_ray.config import HREMConfig
-from hrem_ray.data.precomp import PrecompSplit, open_split
+from hrem_ray.data.precomp import PrecompSplit
+from hrem_ray.data.shards import ShardedSplit, local_split, open_training_split
 from hrem_ray.data.tokenize import CaptionTokenizer
 from hrem_ray.eval.evaluate import evaluate_split, flat_metrics
 from hrem_ray.model import HREM, build_model
@@ -47,17 +48,18 @@ def resolve_config(cfg: HREMConfig) -> HREMConfig:
     return cfg
 
 
-def check_data(cfg: HREMConfig, num_workers: int = 1) -> PrecompSplit:
+def check_data(cfg: HREMConfig, num_workers: int = 1) -> PrecompSplit | ShardedSplit:
     """Check the batch split and the train and dev splits (headers, shapes, caption counts:
-    no feature is read) before any worker starts; returns the train split."""
+    no feature is read) before any worker starts; returns the train split, memory-mapped
+    or sharded (``data/shards.py``)."""
     if cfg.train.batch_size % num_workers:
         raise ValueError(
             f"train.batch_size={cfg.train.batch_size} must be divisible by "
             f"--num-workers={num_workers} (it is the global batch)"
         )
     data = cfg.data
-    train = open_split(data.data_path, data.dataset, data.train_split)
-    open_split(data.data_path, data.dataset, data.val_split)
+    train = open_training_split(data.data_path, data.dataset, data.train_split)
+    open_training_split(data.data_path, data.dataset, data.val_split)
     if train.n_captions < cfg.train.batch_size:
         raise ValueError(
             f"{train.caps_path}: {train.n_captions} captions, fewer than one batch of "
@@ -103,7 +105,7 @@ def dev_evaluator(
 ) -> Callable[[nn.Module], dict[str, float]]:
     """Dev-split evaluation for model selection (the authors selected on test)."""
     cfg = trainee.cfg
-    dev = open_split(cfg.data.data_path, cfg.data.dataset, cfg.data.val_split)
+    dev = local_split(cfg.data.data_path, cfg.data.dataset, cfg.data.val_split)
 
     def evaluate(model: nn.Module) -> dict[str, float]:
         result = evaluate_split(model, dev, trainee.tokenizer,

@@ -12,6 +12,7 @@ import io
 import json
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,11 +32,15 @@ from hrem_ray.checkpoint import (
     read_record,
 )
 from hrem_ray.config import HREMConfig
-from hrem_ray.train.ray_train import METRIC, RayRunOptions, build_trainer
+from hrem_ray.eval.evaluate import evaluate_ensemble
+from hrem_ray.train.ray_train import METRIC, RayRunOptions, build_trainer, check_shards
 from hrem_ray.train.setup import check_data, check_new_run, resolve_config, run_path
 from hrem_ray.tune.space import SearchSpace, check_relation_knobs_active
 
 CHECKPOINT_PATH = "checkpoint_path"  # key TuneReportCallback adds to the reported metrics
+ENSEMBLE = "ensemble"  # <sweep>/ensemble/: the top-K trials' checkpoints and ENSEMBLE_JSON
+ENSEMBLE_JSON = "ensemble.json"
+ENSEMBLE_FORMAT = "hrem-ray-ensemble"
 
 
 @dataclass
@@ -49,6 +54,7 @@ class SweepOptions:
     resume: bool = False
     verbose: bool = False  # Tune's own status tables, besides our per-epoch lines
     allow_inactive: bool = False  # run even if searched relation knobs cannot act in time
+    ensemble_top: int = 0  # K >= 2: also export the ensemble of the top-K trials; 0: none
 
 
 def concurrency(options: SweepOptions, space: SearchSpace) -> int:
@@ -139,9 +145,12 @@ def run_sweep(
     """Run (or, with ``options.resume``, continue) a sweep; returns the summary."""
     path = sweep_dir(options)
     space.check(cfg)  # before any trial: every value valid on top of this config
+    if options.ensemble_top:
+        check_ensemble_top(options.ensemble_top, max_trials(space))
     check_new_run(path, options.resume, "sweep")
     cfg = resolve_config(cfg)
     train = check_data(cfg, options.num_workers)
+    check_shards(cfg, log)
     if not options.allow_inactive:
         check_relation_knobs_active(space, cfg, train.n_captions)
     trial_options = {
@@ -179,7 +188,90 @@ def run_sweep(
             ),
         )
     results = tuner.fit()
-    return summarise(results, list(space.params), cfg.train.epochs, path, log=log)
+    summary = summarise(results, list(space.params), cfg.train.epochs, path, log=log)
+    if options.ensemble_top:
+        summary["ensemble"] = export_ensemble(summary["trials"], options.ensemble_top, path, cfg,
+                                              log=log)  # fmt: skip
+    return summary
+
+
+def max_trials(space: SearchSpace) -> int:
+    """The most trials a sweep of ``space`` runs: num_samples times every grid's size."""
+    n = space.num_samples
+    for spec in space.params.values():
+        if "grid" in spec:
+            n *= len(spec["grid"])
+    return n
+
+
+def check_ensemble_top(k: int, trials: int | None = None) -> int:
+    """``--ensemble-top K``: at least 2 (one model is ``best/``), at most ``trials``."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 2:
+        raise ValueError(f"--ensemble-top must be an integer >= 2, got {k!r}")
+    if trials is not None and k > trials:
+        raise ValueError(f"--ensemble-top {k}: the sweep runs at most {trials} trial(s)")
+    return k
+
+
+def export_ensemble(
+    rows: list[dict[str, Any]],
+    k: int,
+    path: str,
+    cfg: HREMConfig,
+    *,
+    batch_size: int = 128,
+    device: str = "cpu",
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """The ensemble of the ``k`` trials with the best dev rsum (``rows`` of the trial table),
+    evaluated on the dev split with ``evaluate_ensemble`` and written, beside ``best/``, to
+    ``path/ensemble/``: a copy of each member's checkpoint (``member1/``, ... best first, the
+    order to give ``hrem-ray index`` and ``serve``) and ``ensemble.json`` (the members, their
+    own dev rsum, the ensemble's), as one folder that appears complete or not at all."""
+    check_ensemble_top(k)
+    done = [r for r in rows if r["best_rsum"] is not None and r["checkpoint"]]
+    if k > len(done):
+        raise ValueError(
+            f"--ensemble-top {k}: only {len(done)} trial(s) of {path} finished with a "
+            "checkpoint (its trial tables and best/ are written)"
+        )
+    top = sorted(done, key=lambda r: -r["best_rsum"])[:k]  # ties: the first, as best/
+    for r in top:
+        read_record(r["checkpoint"])
+    data = cfg.data
+    log(f"evaluating the ensemble of the top {k} trials on {data.dataset} {data.val_split}")
+    result = evaluate_ensemble(
+        [r["checkpoint"] for r in top], data.data_path, data.dataset, data.val_split,
+        batch_size=batch_size, device=device,
+    )  # fmt: skip
+    members = [
+        {"dir": f"member{i + 1}", "trial": r["trial"], "dev_rsum": r["best_rsum"],
+         "source": str(r["checkpoint"])}
+        for i, r in enumerate(top)
+    ]  # fmt: skip
+    record = {
+        "format": ENSEMBLE_FORMAT,
+        "dataset": data.dataset,
+        "split": data.val_split,
+        "members": members,
+        "dev_rsum": float(result["rsum"]),
+        "best_single_dev_rsum": float(top[0]["best_rsum"]),
+        "dev_metrics": result,
+    }
+
+    def fill(tmp: Path) -> None:
+        for member in members:
+            local = storage.fetch_dir(member["source"], "checkpoint")
+            shutil.copytree(local, tmp / member["dir"])
+        (tmp / ENSEMBLE_JSON).write_text(json.dumps(record, indent=2, default=float))
+
+    out = storage.write_dir(storage.join(path, ENSEMBLE), fill)
+    log(
+        f"ensemble of the top {k} trials ({', '.join(r['trial'] for r in top)}): dev rsum "
+        f"{record['dev_rsum']:.2f}, best single trial {top[0]['trial']}: "
+        f"{record['best_single_dev_rsum']:.2f}; written to {out}"
+    )
+    return {"path": str(out), **record}
 
 
 def summarise(
