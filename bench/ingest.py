@@ -178,8 +178,11 @@ def data_wait(sources: dict[str, str], bert: str, batch: int, work: Path) -> lis
         with PeakRss() as rss:
             best = train_ray(cfg, options, log=lambda _: None)
         h = load_train_state(fetch_dir(best))["state"]["history"][-1]
-        row = {"source": name, "data_wait_frac": h["data_wait_frac"],
-               "step_s": h["epoch_seconds"] / max(h["steps"], 1), "steps": h["steps"]}  # fmt: skip
+        seconds, first = h["epoch_seconds"], h["first_batch_s"]
+        steady = (h["data_wait_frac"] * seconds - first) / (seconds - first)
+        row = {"source": name, "data_wait_frac": h["data_wait_frac"], "first_batch_s": first,
+               "steady_wait_frac": steady, "step_s": seconds / max(h["steps"], 1),
+               "steps": h["steps"]}  # fmt: skip
         row["rss_gb"], row["rss_process"] = rss.largest()
         rows.append(row)
         print(
@@ -197,9 +200,11 @@ def verdicts(deliver: list[dict], wait: list[dict]) -> list[tuple[str, str, bool
             f"{ratio:.0%}", ratio >= TARGETS["shards_vs_memmap"])]  # fmt: skip
     waits = {r["source"]: r for r in wait}
     if "S3 shards" in waits:
-        w = waits["S3 shards"]["data_wait_frac"]
-        out.append((f"S3 data-wait < {TARGETS['s3_wait']:.0%} of a step", f"{w:.2%}",
-                    w < TARGETS["s3_wait"]))  # fmt: skip
+        w, limit = waits["S3 shards"], TARGETS["s3_wait"]
+        out.append((f"S3 data-wait < {limit:.0%} of the epoch", f"{w['data_wait_frac']:.2%}",
+                    w["data_wait_frac"] < limit))  # fmt: skip
+        out.append((f"S3 data-wait < {limit:.0%} after the 1st batch",
+                    f"{w['steady_wait_frac']:.2%}", w["steady_wait_frac"] < limit))  # fmt: skip
     peak = max(r["rss_gb"] for r in deliver + wait)
     out.append((f"every process's RssAnon < {TARGETS['rss_gb']:.0f} GB", f"{peak:.2f} GB",
                 peak < TARGETS["rss_gb"]))  # fmt: skip
@@ -278,12 +283,12 @@ def print_table(r: dict) -> None:
               f"{d['spilled_mib']:.0f} MiB |")  # fmt: skip
     if r["data_wait"]:
         print(f"\nMiniLM training, 1 worker, batch 64, {a['train_images']} images:")
-        print("| source | data-wait | step | peak RssAnon |")
-        print("|---|---:|---:|---:|")
+        print("| source | data-wait | after 1st batch | 1st batch | step | peak RssAnon |")
+        print("|---|---:|---:|---:|---:|---:|")
         for w in r["data_wait"]:
             print(
-                f"| {w['source']} | {w['data_wait_frac']:.2%} | {w['step_s']:.2f} s | "
-                f"{w['rss_gb']:.2f} GB |"
+                f"| {w['source']} | {w['data_wait_frac']:.2%} | {w['steady_wait_frac']:.2%} "
+                f"| {w['first_batch_s']:.1f} s | {w['step_s']:.2f} s | {w['rss_gb']:.2f} GB |"
             )
     print("\n| target | measured | verdict |")
     print("|---|---:|---|")

@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
+from hrem_ray.data.augment import region_dropout
 from hrem_ray.data.precomp import CAPTIONS_PER_IMAGE, PrecompSplit, check_finite
 from hrem_ray.data.tokenize import CaptionTokenizer
 
@@ -127,18 +128,6 @@ def _dropout_and_pad(
     for i, k in enumerate(kept):
         np.take(feats[i], k, axis=0, out=out[i, : k.size], mode="clip")  # k is in range
     return torch.from_numpy(out), torch.from_numpy(lengths)
-
-
-def region_dropout(n_regions: int, rng: np.random.Generator, keep: float = 0.8) -> np.ndarray:
-    """Sorted indices of the regions kept, each independently with probability ``keep``.
-
-    If none survives (probability 0.2**36 with the defaults) one random region is kept: the
-    reference would pool over an empty set there and produce NaN.
-    """
-    kept = np.flatnonzero(rng.random(n_regions) < keep)
-    if kept.size == 0:
-        kept = rng.integers(0, n_regions, size=1)
-    return kept
 
 
 def pad_regions(feats: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,6 +26,7 @@ import pyarrow as pa
 import ray
 
 from hrem_ray import storage
+from hrem_ray.data.augment import region_dropout
 from hrem_ray.data.precomp import CAPTIONS_PER_IMAGE, PrecompError, PrecompSplit, parse_captions
 from hrem_ray.data.shards import Shard, ShardedSplit, ShardError, read_shard
 from hrem_ray.data.tokenize import CaptionTokenizer
@@ -186,8 +187,6 @@ def _read_pairs(
     """Shard slices -> augmented pairs: features (region dropout, zero-padded to all regions,
     stored dtype), lengths, caption ids and augmented token ids. A slice's augmentation is
     seeded by ``(seed, epoch, shard, round, first row)``: the same wherever it runs."""
-    from hrem_ray.data.batches import region_dropout  # torch: only where pairs are made
-
     captions = _captions(split.caps_path)
     tokenizer = _tokenizer(bert_path, max_tokens)
     images, lengths, caption_ids, tokens = [], [], [], []

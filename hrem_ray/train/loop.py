@@ -112,10 +112,11 @@ def train_epoch(
     """Run one epoch, advancing ``state.iteration``; returns mean loss parts and timings."""
     sums: dict[str, float] = {}
     steps = skipped = samples = 0
-    wait = 0.0
+    wait = first = 0.0
     start = tick = time.perf_counter()
     for batch in batches:
         wait += time.perf_counter() - tick
+        first = first or wait  # a pipeline's start-up: reading a shard split starts one per epoch
         parts = train_step(
             model, batch.to(device), optimizer, state.iteration, cfg,
             generator=generator, gather=gather, epoch=state.epoch,
@@ -142,6 +143,7 @@ def train_epoch(
         skipped_steps=skipped,
         samples_per_s=samples / seconds if seconds > 0 else 0.0,
         data_wait_frac=wait / seconds if seconds > 0 else 0.0,
+        first_batch_s=first,
         epoch_seconds=seconds,
     )
     return metrics
