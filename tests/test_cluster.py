@@ -456,7 +456,9 @@ def test_lost_worker_node_resumes_from_s3(ns):
     done = re.findall(r"epoch (\d+) step (\d+) iter", out)
     assert len(set(done)) == epochs * steps  # every step of every epoch ran
     redone = len(done) - len(set(done))
-    assert redone <= steps, redone  # at most the epoch in progress at the kill
+    # At most the epochs since the last checkpoint Ray had registered: the dying node may
+    # finish (and upload, unregistered) one more epoch between our poll and the kill.
+    assert redone < 2 * steps, redone
     TIMES["epochs lost"] = redone / steps
     print(f"\nlost node: {redone} steps trained twice = {redone / steps:.2f} epochs lost")
     TIMES["lost node"] = time.monotonic() - start

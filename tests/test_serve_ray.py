@@ -37,7 +37,7 @@ from hrem_ray.serving.api import LocalBackend, build_app
 from hrem_ray.serving.app import AUTOSCALING, Retriever, run_service
 from hrem_ray.serving.service import RetrievalService
 from tests.helpers import SYNTH, TINY_MODEL, free_port, metric_samples
-from tests.test_serve_fuzz import run_schemathesis
+from tests.test_serve_fuzz import FUZZ_CONFIG, run_schemathesis
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -475,7 +475,9 @@ def test_openapi_conformance_through_serve(cluster, local):
     import schemathesis
 
     start = time.perf_counter()
-    report = run_schemathesis(schemathesis.openapi.from_url(cluster["url"] + "/openapi.json"), {})
+    report = run_schemathesis(
+        schemathesis.openapi.from_url(cluster["url"] + "/openapi.json", config=FUZZ_CONFIG), {}
+    )
     took = time.perf_counter() - start
     statuses = sorted(report["statuses"].items())
     print(f"\nschemathesis through Serve: {report['cases']} cases in {took:.0f} s: {statuses}")

@@ -194,7 +194,13 @@ def train_ray(
     check_new_run(path, options.resume)
     check_shards(cfg, log)
     with LineRelay(log) as relay:
-        result = build_trainer(cfg, options, log=relay.send).fit()
+        try:
+            result = build_trainer(cfg, options, log=relay.send).fit()
+        except Exception as e:  # fit() raises a worker's error wrapped in Ray Train's
+            cause = data_error(e)
+            if cause is None:
+                raise
+            raise cause from None
     if result.error is not None:
         raise data_error(result.error) or result.error
     best, metrics = max(result.best_checkpoints or [], key=lambda cm: cm[1].get(METRIC, -1e9),
