@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 
-from hrem_ray.data.shards import DEFAULT_ROWS_PER_SHARD
 from hrem_ray.fileio import write_atomic
 from hrem_ray.index.ivf import DEFAULT_NPROBE
 
@@ -321,8 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", required=True)
     p.add_argument("--out", required=True,
                    help="data root (folder or URI) for OUT/<dataset>_precomp/<split>/")  # fmt: skip
-    p.add_argument("--rows-per-shard", type=int, default=DEFAULT_ROWS_PER_SHARD,
-                   help="images per shard")  # fmt: skip
+    p.add_argument("--rows-per-shard", type=int,
+                   help="images per shard (default 256, 75 MB of float32 36x2048)")  # fmt: skip
     p.add_argument("--dtype", choices=["float32", "float16"], default="float32",
                    help="stored feature type; float16 halves storage (docs/data.md)")  # fmt: skip
     p.set_defaults(func=cmd_shard)

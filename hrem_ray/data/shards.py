@@ -148,7 +148,7 @@ def write_shards(
     split: str,
     out: str | Path,
     *,
-    rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
+    rows_per_shard: int | None = None,
     dtype: str = "float32",
     progress: Callable[[str], None] | None = None,
 ) -> ShardedSplit:
@@ -158,6 +158,7 @@ def write_shards(
     and the manifest last; a run that stops early leaves no manifest. A split that already
     has a manifest is never overwritten.
     """
+    rows_per_shard = DEFAULT_ROWS_PER_SHARD if rows_per_shard is None else rows_per_shard
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype}: must be one of {', '.join(DTYPES)}")
     if rows_per_shard < 1:
@@ -343,8 +344,8 @@ def verify_shards(split: ShardedSplit, progress: Callable[[str], None] | None = 
     at a time: the full check before training, and ``hrem-ray check-data``."""
     bar = Progress(f"verify {split.root}", split.n_images, progress, unit="images")
     with ThreadPoolExecutor(_READERS) as pool:
-        for shard in pool.map(lambda s: (read_shard(split, s), s)[1], split.shards):
-            bar.update(shard.rows)
+        for rows in pool.map(lambda s: len(read_shard(split, s)), split.shards):
+            bar.update(rows)
 
 
 def _sha256(data: bytes) -> str:
