@@ -15,7 +15,10 @@ D = 1024; the gathered features are made before measuring):
 
 Memory is the rise of peak RSS over the inputs (CPU) or of peak allocated memory (CUDA);
 time is the process's CPU time on CPU (torch on 1 thread, so other load on the machine does
-not count) and wall time on CUDA.
+not count) and wall time on CUDA, of the second run: the first one warms up (kernel loading,
+allocator, autotuning). ``--dtype bf16`` runs the fp32 module under bf16 autocast on bf16
+features, as training does. A cell that dies (a CUDA OOM) or runs past ``--cell-timeout``
+is reported as failed and the table goes on.
 Before cells estimated above ``--max-before-gb`` are skipped. ``--step`` adds the
 relation module's forward and backward at B = 128 (MLPs, fusion Transformer, KL), one piece
 against automatic chunks. docs/global-batch.md holds the table.
@@ -24,11 +27,14 @@ against automatic chunks. docs/global-batch.md holds the table.
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing as mp
 import platform
+import queue as queue_lib
 import resource
 import time
-from datetime import UTC, datetime
+from contextlib import nullcontext
+from datetime import datetime, timezone
 
 import torch
 
@@ -69,7 +75,7 @@ def _scores(inputs: tuple, workers: int, mode: str) -> None:
 def _step(inputs: tuple, chunk: int) -> None:
     regions, words, lengths = inputs
     b, device, dtype = len(words), words.device, words.dtype
-    rel = InstanceRelation(ModelConfig(frag_chunk=chunk, dropout=0.0)).to(device, dtype)
+    rel = InstanceRelation(ModelConfig(frag_chunk=chunk, dropout=0.0)).to(device)
     v, t = (
         torch.nn.functional.normalize(
             torch.randn(b, D, device=device, dtype=dtype), dim=1
@@ -85,32 +91,58 @@ def _cell(job: tuple, queue: mp.Queue) -> None:
     torch.set_num_threads(1)
     kind, b, arg, device, dtype_name = job
     inputs = _inputs(b, device, DTYPES[dtype_name])
+    bf16 = dtype_name == "bf16"
+    autocast = torch.autocast(device, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+    def run() -> None:
+        with autocast:
+            if kind == "step":
+                _step(inputs, arg)
+            else:
+                _scores(inputs, arg, kind)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
     if device == "cuda":
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated() / 2**20
     else:
         base = _peak_mb(device)
+    run()  # warm-up; on CPU its peak RSS is the same as the timed run's
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     # CPU: the process's CPU time (1 thread), robust to other load on a shared machine
     clock = time.perf_counter if device == "cuda" else time.process_time
     start = clock()
-    if kind == "step":
-        _step(inputs, arg)
-    else:
-        _scores(inputs, arg, kind)
-    if device == "cuda":
-        torch.cuda.synchronize()
+    run()
     queue.put((clock() - start, _peak_mb(device) - base))
 
 
-def measure(job: tuple) -> tuple[float, float]:
+def measure(job: tuple, timeout: float) -> tuple[float, float] | str:
+    """(seconds, MB) of ``job`` in a fresh process, or why it gave none: a process that
+    died (a CUDA OOM) or ran past ``timeout`` seconds must not hang the table."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_cell, args=(job, queue))
     proc.start()
-    result = queue.get()
-    proc.join()
-    return result
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                return queue.get(timeout=1.0)
+            except queue_lib.Empty:
+                if not proc.is_alive():
+                    return f"failed (exit code {proc.exitcode})"
+                if time.monotonic() > deadline:
+                    return f"timed out after {timeout:.0f} s"
+    finally:
+        if proc.is_alive():
+            proc.terminate()
+        proc.join()
+
+
+def _cell_text(result: tuple[float, float] | str) -> str:
+    return result if isinstance(result, str) else f"{result[0]:.2f} s / {result[1]:.0f} MB"
 
 
 def before_gb(b: int) -> float:
@@ -126,13 +158,17 @@ def main() -> None:
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     p.add_argument("--max-before-gb", type=float, default=6.0)
     p.add_argument("--step", action="store_true", help="also the relation step at B = 128")
+    p.add_argument("--cell-timeout", type=float, default=300.0, help="seconds per cell")
+    p.add_argument("--json", help="also write the rows here")
     args = p.parse_args()
+    rows: list[dict] = []
     with open("/proc/cpuinfo") as f:  # Linux; platform.processor() is often empty
         names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
     cpu = names[0] if names else platform.processor()
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"{cpu}, CPU s, 1 thread"
     print(f"# relation fragment scoring per worker, {args.dtype}, L={L} N={N} D={D}")
-    print(f"# {where}; {mp.cpu_count()} cores; {datetime.now(UTC):%Y-%m-%d %H:%M} UTC")
+    now = datetime.now(timezone.utc)  # not datetime.UTC: that is Python >= 3.11
+    print(f"# {where}; {mp.cpu_count()} cores; {now:%Y-%m-%d %H:%M} UTC")
     print("| B | W | before: s / MB per worker | after: s / MB per worker |")
     print("|---|---|---|---|")
     for b in args.batches:
@@ -141,14 +177,20 @@ def main() -> None:
             before = f"skipped (est. {before_gb(b):.1f} GB)"
         for w in args.workers:
             if before is None:
-                s, mb = measure(("before", b, w, args.device, args.dtype))
-                before = f"{s:.2f} s / {mb:.0f} MB"
-            s, mb = measure(("after", b, w, args.device, args.dtype))
-            print(f"| {b} | {w} | {before} | {s:.2f} s / {mb:.0f} MB |", flush=True)
+                job = ("before", b, w, args.device, args.dtype)
+                before = _cell_text(measure(job, args.cell_timeout))
+            after = _cell_text(measure(("after", b, w, args.device, args.dtype), args.cell_timeout))
+            print(f"| {b} | {w} | {before} | {after} |", flush=True)
+            rows.append({"B": b, "W": w, "dtype": args.dtype, "before": before, "after": after})
     if args.step:
         for label, chunk in (("one piece", 128), ("automatic chunks", 0)):
-            s, mb = measure(("step", 128, chunk, args.device, args.dtype))
-            print(f"# relation forward+backward, B=128, {label}: {s:.2f} s / {mb:.0f} MB")
+            cell = _cell_text(
+                measure(("step", 128, chunk, args.device, args.dtype), args.cell_timeout)
+            )
+            print(f"# relation forward+backward, B=128, {label}: {cell}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": where, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,71 +1,49 @@
 """Load-test the Ray Serve retrieval app, one hop and two hops, against its serving targets.
 
-Latency, throughput, batching, autoscaling, the search page and the image query encodings,
-measured side by side in one run, then verdicts (PASS/FAIL) against the targets.
-
     .venv/bin/python bench/serve_load.py              # MiniLM backbone, 36x2048 features
     .venv/bin/python bench/serve_load.py --tiny       # tiny random BERT, 6x2048 features (quick)
     .venv/bin/python bench/serve_load.py --bert-base  # the paper's model size, random weights
     .venv/bin/python bench/serve_load.py --checkpoint C --gallery G
     .venv/bin/python bench/serve_load.py --tiny --hops 1 --no-autoscale   # the app only, faster
 
-Starts a private local Ray (``address="local"``: it never joins another cluster on the machine),
-serves the real app with ``run_service`` on 127.0.0.1 and a free port, and drives it from a
-separate load-generator process: closed loop, N threads, one persistent HTTP connection each,
-bounded by time and by request count. Settings:
-
-* in-process baseline: ``RetrievalService.embed_texts`` + ``images_for`` in this process, one
-  query per call (concurrency 1) and 32 queries per call; the second is the ceiling, the
-  service's own batched throughput without HTTP or Serve;
-* Serve's floor on this machine: two echo apps with no model, a FastAPI ingress answering
-  alone (one hop: this app's shape, docs/serving.md) and a FastAPI ingress calling one
-  deployment (two hops), at concurrency 1. The latency they add is what any app of that shape
-  pays on this machine before doing any work;
-* for each shape of ``--hops`` (both by default, side by side), ``POST /search/text`` with
-  batching on (``max_batch_size`` 32), one Retriever replica, at each concurrency; the search
-  page (a new connection, ``GET /``, then the search call its script makes); and one image
-  query (``POST /search/image``) of 100 x img_dim float32 features as JSON numbers, base64 and
-  an ``.npy`` body. One hop is the app as ``run_service`` starts it; two hops is the older
-  shape built from the same code: a FastAPI ingress deployment (``api.build_app`` over a
-  DeploymentHandle) in front of the same ``Retriever`` deployment;
-* one hop only: batching off (1, redeployed through ``Retriever.options(user_config=...)``),
-  and at concurrency 1 the Retriever called through a Serve handle from this process (no HTTP
-  proxy, no ingress), which splits Serve's overhead;
-* for each shape, one autoscaling phase (``max_replicas`` 2, the top concurrency):
-  ``serve.status()`` replica counts during the load and after it, with a bounded wait for the
-  downscale (``--no-autoscale`` skips it).
-
-The mean model batch per setting comes from the app's own ``/metrics`` (``hrem_text_batch_size``),
-so the table shows that batching really was on or off. Verdicts (PASS/FAIL, with the measured
-values) against the targets: Serve's overhead at concurrency 1 (p50 over the in-process call)
-at most 1.2x the echo floor of the same shape; QPS at the top concurrency at least 85% of the
-in-process ceiling; p99 at most 3x p50 there; autoscaling up and back down, with its times;
-binary bodies (``.npy`` or base64) faster than JSON for the image query.
-
-The client shares the machine with the server (2 cores here): its CPU share is printed, and the
-load average at start and end, since other work on the machine moves every number.
+A private local Ray (``address="local"``: it never joins another cluster on the machine) serves
+the real app (``run_service``) on 127.0.0.1. Every setting is the same closed loop, ``measure``:
+N threads, one request at a time each, counted for ``--duration`` s after a warm-up. HTTP load
+comes from a separate process, so that the client does not share the server's GIL. The
+settings (docs/serving.md, "Benchmark"): the model in-process, 1 and 32 queries a call (the
+ceiling); Serve's floor, an echo app of each shape; for each shape of ``SHAPES``, text search
+with batching on at each concurrency, the search page, and an image query of 100 x img_dim
+features as JSON, base64 and ``.npy``; one hop with batching off, and through a Serve handle
+(no HTTP); and an autoscaling phase for each shape. The mean model batch comes from the app's
+``/metrics``. The run ends with PASS/FAIL against the targets of docs/benchmarks.md and the
+load average, since other work on the machine moves every number.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import http.client
+import io
+import itertools
 import json
+import math
 import multiprocessing as mp
 import os
 import re
-import resource
-import sys
 import tempfile
-import threading
 import time
+import urllib.request
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from hrem_ray.ray_runtime import free_port, set_env_defaults
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the test world: tests/helpers.py
-from tests.helpers import TINY_MODEL  # noqa: E402
+from hrem_ray.ray_runtime import set_env_defaults
+from hrem_ray.serving.client import wait_ready
+from hrem_ray.testing import TINY_MODEL, free_port, metric_samples
 
 MODELS = {
     "tiny": "tiny random BERT, 6x2048 features",
@@ -75,129 +53,643 @@ MODELS = {
 BERT_BASE = ["--hidden", "768", "--layers", "12", "--heads", "12", "--intermediate", "3072"]
 K = 10
 WARMUP_S = 1.5
+# Targets (issue 16): Serve's overhead at concurrency 1 at most this times the echo floor of
+# the same shape; QPS at the top concurrency at least this share of the in-process ceiling
+# (32 queries per call); p99 at most this times p50 there.
+OVERHEAD_VS_FLOOR = 1.2
+CEILING_SHARE = 0.85
+P99_OVER_P50 = 3.0
+STARTED = time.monotonic()
 
 
-# -- load generator (a separate process; imports nothing heavy) ------------------------------
-def _percentile(sorted_values: list[float], q: float) -> float:
+def log(msg: str) -> None:
+    print(f"[{time.monotonic() - STARTED:6.1f} s] {msg}", flush=True)
+
+
+# -- the load generator: one closed loop for every setting ------------------------------------
+Parts = tuple[float, ...]  # the seconds of each part of a request that succeeded
+OK: Parts = ()  # a request of one part that succeeded
+Client = Callable[[], "Parts | None"]  # makes one request; None: it failed
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
     if not sorted_values:
         return float("nan")
-    i = min(len(sorted_values) - 1, max(0, round(q / 100 * (len(sorted_values) - 1))))
-    return sorted_values[i]
+    return sorted_values[min(len(sorted_values) - 1, round(q / 100 * (len(sorted_values) - 1)))]
 
 
-def _worker(
-    host: str,
-    port: int,
-    path: str,
-    bodies: list[bytes],
-    offset: int,
-    start: threading.Barrier,
-    state: dict[str, Any],
-    lock: threading.Lock,
-    content_type: str,
-) -> None:
-    conn = http.client.HTTPConnection(host, port, timeout=60)
-    headers = {"content-type": content_type}
-    i = offset
-    start.wait()
-    while True:
-        with lock:
-            now = time.perf_counter()
-            if now >= state["deadline"]:
-                break
-            if state["stop"].is_set() or state["issued"] >= state["limit"]:
-                state["end_at"] = min(state["end_at"], now)  # the window ends: no new requests
-                break
-            state["issued"] += 1
-        body = bodies[i % len(bodies)]
-        i += 1
-        t0 = time.perf_counter()
+def measure(
+    clients: list[Client], duration_s: float, max_requests: int = 10**9, stop: Any = None,
+    per_call: int = 1, warmup_s: float = WARMUP_S,
+) -> dict[str, Any]:  # fmt: skip
+    """Closed loop: one thread per client, one request at a time each. Counted: the requests
+    that complete in the window from ``warmup_s`` after the start to its end (``duration_s``
+    later, or earlier at ``max_requests`` requests or once ``stop`` is set); the drain after
+    the window is not, so QPS is the rate at full concurrency. ``per_call``: queries in a
+    request. Requests of several parts also give each part's p50 (``parts_p50_ms``)."""
+    start = time.perf_counter() + warmup_s
+    deadline, tickets = start + duration_s, itertools.count()
+    stopped: list[float] = []  # when threads stopped early, at the request cap or the stop
+    done: list[tuple[float, float, Parts | None]] = []  # (finish time, latency, parts)
+
+    def work(client: Client) -> None:
+        while (t0 := time.perf_counter()) < deadline:
+            if next(tickets) >= max_requests or (stop is not None and stop.is_set()):
+                stopped.append(t0)  # the window ends: no new requests
+                return
+            parts = client()
+            t1 = time.perf_counter()
+            done.append((t1, t1 - t0, parts))
+
+    with ThreadPoolExecutor(len(clients)) as pool:
+        list(pool.map(work, clients))  # re-raises what a client raised
+    end = max(start, min(deadline, *stopped, max((t for t, _, _ in done), default=start)))
+    window = [(lat, parts) for t, lat, parts in done if start <= t <= end]
+    lat = sorted(x for x, parts in window if parts is not None)
+    r = {
+        "n": len(lat) * per_call,
+        "errors": len(window) - len(lat),
+        "p50_ms": 1000 * percentile(lat, 50),
+        "p99_ms": 1000 * percentile(lat, 99),
+        "qps": len(lat) * per_call / max(end - start, 1e-9),
+    }
+    if split := [parts for _, parts in window if parts]:
+        r["parts_p50_ms"] = [1000 * percentile(sorted(p), 50) for p in zip(*split, strict=True)]
+    return r
+
+
+class HttpPost:
+    """POST ``bodies`` in turn on one persistent connection (a new one after an error)."""
+
+    def __init__(self, port: int, path: str, bodies: list[bytes], content_type: str, offset: int):
+        self.port, self.path, self.bodies, self.i = port, path, bodies, offset
+        self.headers = {"content-type": content_type}
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+
+    def __call__(self) -> Parts | None:
+        body = self.bodies[self.i % len(self.bodies)]
+        self.i += 1
         try:
-            conn.request("POST", path, body, headers)
-            resp = conn.getresponse()
+            self.conn.request("POST", self.path, body, self.headers)
+            resp = self.conn.getresponse()
             resp.read()
-            ok = resp.status == 200
+            return OK if resp.status == 200 else None
         except (OSError, http.client.HTTPException):
+            self.conn.close()
+            self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+            return None
+
+
+def loadgen(conn: Any, stop: Any) -> None:
+    """The load-generator process: measures each load sent over ``conn`` (None: quit), with
+    its own CPU share (``client_cpu``)."""
+    while (load := conn.recv()) is not None:
+        c, duration_s, max_requests, http = load
+        clients = [HttpPost(**http, offset=7 * i) for i in range(c)]
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        r = measure(clients, duration_s, max_requests, stop)
+        r["client_cpu"] = (time.process_time() - cpu0) / (time.perf_counter() - t0)
+        for client in clients:
+            client.conn.close()
+        conn.send(r)
+
+
+class LoadGen:
+    """The load-generator process, started before this process holds Ray or torch threads."""
+
+    def __init__(self) -> None:
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.stop = ctx.Event()
+        self.proc = ctx.Process(target=loadgen, args=(child, self.stop), daemon=True)
+        self.proc.start()
+
+    def run(self, load: tuple, every_s: Callable[[], None] | None = None) -> dict[str, Any]:
+        """Measure ``load`` there; ``every_s`` is called each second meanwhile."""
+        self.stop.clear()
+        self.conn.send(load)
+        while not self.conn.poll(1.0):
+            if not self.proc.is_alive():
+                raise RuntimeError(f"the load generator exited ({self.proc.exitcode})")
+            if every_s is not None:
+                every_s()
+        return self.conn.recv()
+
+    def close(self) -> None:
+        if self.proc.is_alive():
+            self.conn.send(None)
+        self.proc.join(10)
+        if self.proc.is_alive():
+            self.proc.terminate()
+
+
+def in_process(service: Any, queries: list[str], batch: int) -> Client:
+    """``batch`` queries a call to the service itself: the model without HTTP or Serve."""
+    cycle = itertools.cycle(queries)
+
+    def call() -> Parts:
+        for emb in service.embed_texts([next(cycle) for _ in range(batch)]):
+            service.images_for(emb, K)
+        return OK
+
+    return call
+
+
+def through_handle(queries: list[str]) -> Client:
+    """``search_text`` on the one-hop app's Retriever through a Serve handle: Serve's replica
+    call without the HTTP proxy and the ingress (splits the overhead)."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle("Retriever", app_name="hrem")
+    cycle = itertools.cycle(queries)
+
+    def call() -> Parts:
+        handle.search_text.remote(next(cycle), K).result()
+        return OK
+
+    return call
+
+
+class PageVisit:
+    """The search page as a browser uses it, in plain HTTP: a new connection, ``GET /``, then
+    on the same connection the one API call its search form makes (the path is read from the
+    page's script, so a changed page is measured as it is). Parts: the page, the search."""
+
+    def __init__(self, port: int, queries: list[str]):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30) as r:
+            found = re.search(r'post\("(/search/[a-z]+)"', r.read().decode())
+        if found is None:
+            raise RuntimeError('the search page has no post("/search/...") call')
+        self.api, self.port, self.page_bytes = found.group(1), port, 0
+        self.cycle = itertools.cycle(queries)
+
+    def __call__(self) -> Parts | None:
+        body = json.dumps({"query": next(self.cycle), "k": K}).encode()
+        t0 = time.perf_counter()
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        try:
+            conn.request("GET", "/", headers={"accept": "text/html"})
+            resp = conn.getresponse()
+            self.page_bytes, ok, t1 = len(resp.read()), resp.status == 200, time.perf_counter()
+            conn.request("POST", self.api, body, {"content-type": "application/json"})
+            resp = conn.getresponse()
+            ok = ok and resp.status == 200 and bool(json.loads(resp.read())["results"])
+        except (OSError, http.client.HTTPException, ValueError, KeyError):
             ok = False
+        finally:
             conn.close()
-            conn = http.client.HTTPConnection(host, port, timeout=60)
-        t1 = time.perf_counter()
-        with lock:
-            state["done"].append((t1, t1 - t0, ok))
-    conn.close()
+        return (t1 - t0, time.perf_counter() - t1) if ok else None
 
 
-def run_load(
-    host: str,
-    port: int,
-    bodies: list[bytes],
-    concurrency: int,
-    duration_s: float,
-    max_requests: int,
-    stop: Any,
-    path: str = "/search/text",
-    content_type: str = "application/json",
-) -> dict[str, Any]:
-    """Closed loop: ``concurrency`` threads, each one request at a time on its own connection.
-    Counted: the requests that complete in the window from WARMUP_S after the start to the end
-    (``duration_s`` later, or earlier at ``max_requests`` requests or when ``stop`` is set); the
-    drain after the window is not, so QPS is the rate at full concurrency."""
-    now = time.perf_counter()
-    state: dict[str, Any] = {
-        "stop": stop,
-        "issued": 0,
-        "limit": max_requests,
-        "measure_from": now + WARMUP_S,
-        "deadline": now + WARMUP_S + duration_s,
-        "end_at": float("inf"),
-        "done": [],  # (finish time, latency, ok)
-    }
-    lock = threading.Lock()
-    barrier = threading.Barrier(concurrency)
-    cpu0 = _cpu_s()
-    threads = [
-        threading.Thread(
-            target=_worker,
-            args=(host, port, path, bodies, i * 7, barrier, state, lock, content_type),
-        )
-        for i in range(concurrency)
+def feature_bodies(img_dim: int, regions: int = 100) -> list[tuple[str, str, str, bytes]]:
+    """One image query (``POST /search/image``, k=K) of ``regions`` x ``img_dim`` float32
+    features in each encoding of docs/serving.md: (name, path, content type, body)."""
+    import numpy as np
+
+    feats = np.random.default_rng(0).uniform(0, 4, (regions, img_dim)).astype(np.float32)
+    npy = io.BytesIO()
+    np.save(npy, feats)
+    encoded = base64.b64encode(feats.astype("<f4").tobytes()).decode()
+    as_b64 = {"features": {"shape": list(feats.shape), "base64": encoded}, "k": K}
+    return [
+        ("JSON", "/search/image", "application/json",
+         json.dumps({"features": feats.tolist(), "k": K}).encode()),
+        ("base64", "/search/image", "application/json", json.dumps(as_b64).encode()),
+        ("npy", f"/search/image?k={K}", "application/x-npy", npy.getvalue()),
+    ]  # fmt: skip
+
+
+# -- the app shapes -------------------------------------------------------------------------------
+class Shape(NamedTuple):
+    """One hop: the app as ``run_service`` starts it (proxy -> Retriever). Two hops: the older
+    shape, a FastAPI ingress deployment in front of the same Retriever (docs/serving.md)."""
+
+    hops: int
+    retriever_app: str  # the Serve application holding the Retriever
+    floor: str  # the echo app of the same shape, no model: Serve's own cost
+    prefix: str  # of its result keys; the one-hop app's have none (bench/run_all.py reads them)
+
+    @property
+    def name(self) -> str:
+        return f"{self.hops} hop{'s' if self.hops > 1 else ''}"
+
+    def key(self, name: str) -> str:
+        return self.prefix + name
+
+
+SHAPES = {
+    1: Shape(1, "hrem", "ingress alone", ""),
+    2: Shape(2, "hrem_retriever", "ingress + 1 deployment", "2hop/"),
+}
+
+
+def floor_app(shape: Shape) -> Any:
+    """An echo app of ``shape``: ``POST /echo`` returns its JSON body."""
+    from fastapi import FastAPI
+    from ray import serve
+
+    api, options = FastAPI(), {"ray_actor_options": {"num_cpus": 0.1}}
+
+    @serve.deployment(**options)
+    class Echo:
+        async def echo(self, body: dict) -> dict:
+            return body
+
+    @serve.deployment(**options)
+    @serve.ingress(api)
+    class EchoIngress:
+        def __init__(self, forward_to: Any = None):
+            self.forward_to = forward_to
+
+        @api.post("/echo")
+        async def echo(self, body: dict) -> dict:
+            return body if self.forward_to is None else await self.forward_to.echo.remote(body)
+
+    return EchoIngress.bind() if shape.hops == 1 else EchoIngress.bind(Echo.bind())
+
+
+def deploy_shape(
+    shape: Shape, ckpt: Path, gallery: Path, img_dim: int, n_images: int, max_batch: int,
+    max_replicas: int,
+) -> None:  # fmt: skip
+    """(Re)deploy ``shape`` with a new ``serve.run``: the user_config reaches the new replicas'
+    ``reconfigure()`` (Ray 2.60 gives every deployment of a ``serve.run`` a new version). Two
+    hops: Serve allows one FastAPI deployment per application, so the Retriever is one with no
+    route and the ingress (``build_app`` over a DeploymentHandle, one replica) another; it
+    holds no model, so it is told ``img_dim`` (its request schema) and the gallery size."""
+    from ray import serve
+
+    from hrem_ray.serving.api import build_app
+    from hrem_ray.serving.app import AUTOSCALING, Retriever
+
+    retriever = Retriever.options(
+        autoscaling_config={**AUTOSCALING, "max_replicas": max_replicas},
+        user_config={"max_batch_size": max_batch},
+    ).bind(str(ckpt.resolve()), str(gallery.resolve()))
+    if shape.hops == 1:
+        serve.run(retriever, name="hrem", route_prefix="/")
+        return
+
+    class HandleBackend:
+        """``api.Backend`` over a DeploymentHandle: each operation runs in a Retriever."""
+
+        def __init__(self, handle: Any, img_dim: int, n_images: int):
+            self.handle, self.img_dim, self.n_images = handle, img_dim, n_images
+
+        async def call(self, op: str, **kwargs: Any) -> Any:
+            return await getattr(self.handle, op).remote(**kwargs)
+
+        def gallery_images(self) -> int:
+            return self.n_images
+
+    # max_ongoing_requests: Serve's default (5) would cap the ingress below concurrency 32.
+    @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
+    @serve.ingress()
+    class Ingress:
+        def __init__(self, app_name: str, img_dim: int, n_images: int):
+            handle = serve.get_deployment_handle("Retriever", app_name=app_name)
+            self.backend = HandleBackend(handle, img_dim, n_images)
+
+        def __serve_build_asgi_app__(self) -> Any:
+            return build_app(self.backend)
+
+    serve.delete("hrem")  # a clean switch of shape
+    serve.run(retriever, name=shape.retriever_app, route_prefix=None)
+    app = Ingress.bind(shape.retriever_app, img_dim, n_images)
+    serve.run(app, name="hrem", route_prefix="/")
+
+
+def wait_for_search(base: str) -> None:
+    """Until a text search answers 200: the whole path of the shape, ingress and model."""
+    wait_ready(base, 120, path="/search/text", body={"query": "warm up", "k": 1})
+
+
+def batch_counters(base: str) -> tuple[float, float]:
+    """(sum, count) of the app's hrem_text_batch_size histogram."""
+    with urllib.request.urlopen(base + "/metrics", timeout=30) as r:
+        samples = metric_samples(r.read().decode())
+    return tuple(samples.get((f"hrem_text_batch_size_{s}", ()), 0.0) for s in ("sum", "count"))
+
+
+def replica_states(app_name: str) -> dict[str, int]:
+    """The Retriever's replicas in ``app_name`` by state, e.g. {"RUNNING": 1}."""
+    from ray import serve
+
+    app = serve.status().applications.get(app_name)
+    if app is None or "Retriever" not in app.deployments:
+        return {}
+    states = app.deployments["Retriever"].replica_states
+    return {str(getattr(k, "value", k)): n for k, n in states.items()}
+
+
+class ReplicaWatch:
+    """The Retriever's replicas over an autoscaling phase, sampled from ``serve.status()``.
+    Times in ``out`` are from the start of the load: ``decided_at`` (a second replica exists,
+    STARTING or more), ``up_at`` (2 RUNNING), ``down_after`` (back to 1, after the load)."""
+
+    def __init__(self, app_name: str, stop: Any, max_load_s: float):
+        self.app_name, self.stop, self.max_load_s = app_name, stop, max_load_s
+        self.start, self.samples, self.out = time.monotonic(), [], {}
+
+    def sample(self) -> tuple[float, dict[str, int]]:
+        t, states = time.monotonic() - self.start, replica_states(self.app_name)
+        self.samples.append((t, states))
+        if sum(states.values()) >= 2:
+            self.out.setdefault("decided_at", t)
+        if states.get("RUNNING", 0) >= 2:
+            self.out.setdefault("up_at", t)
+        return t, states
+
+    def during_load(self) -> None:
+        """Sample; end the load once a second replica has served 8 s, or at ``max_load_s``."""
+        t, _ = self.sample()
+        if t > self.max_load_s or t > self.out.get("up_at", math.inf) + 8:
+            self.stop.set()
+
+    def after_load(self, wait_s: float) -> dict[str, Any]:
+        """Wait (at most ``wait_s``) until the deployment is back to one RUNNING replica."""
+        out = self.out
+        out["load_s"] = load_s = time.monotonic() - self.start
+        out["peak_in_load"] = max((s.get("RUNNING", 0) for _, s in self.samples), default=0)
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            t, states = self.sample()
+            if "decided_at" in out and states == {"RUNNING": 1}:
+                out["down_after"] = t - load_s
+                break
+            if "decided_at" not in out and t > load_s + 15:
+                break  # never scaled: nothing to wait for
+            time.sleep(1.0)
+        out["peak"] = max((s.get("RUNNING", 0) for _, s in self.samples), default=0)
+        out["after"] = replica_states(self.app_name)
+        return out
+
+
+# -- one run ------------------------------------------------------------------------------------
+@dataclass
+class Bench:
+    """One run: the app it serves and where, the load generator, and the figures so far."""
+
+    gen: LoadGen
+    port: int
+    ckpt: Path
+    gallery: Path
+    queries: list[str]
+    n_images: int
+    duration_s: float
+    max_requests: int
+    img_dim: int = 0  # from the in-process service
+    rows: list[str] = field(default_factory=list)
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)
+    scales: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def record(self, key: str | None, name: str, hops: Any, c: int, r: dict[str, Any]) -> None:
+        if key is not None:
+            self.results[key] = r
+        self.rows.append(fmt_row(name, hops, c, r))
+        log(self.rows[-1])
+
+    def load(
+        self, c: int, path: str = "/search/text", bodies: list[bytes] | None = None,
+        content_type: str = "application/json", duration_s: float | None = None,
+        max_requests: int | None = None, every_s: Callable[[], None] | None = None,
+    ) -> dict[str, Any]:  # fmt: skip
+        """HTTP load at concurrency ``c``, with the mean model batch it caused (``batch``)."""
+        if bodies is None:
+            bodies = [json.dumps({"query": q, "k": K}).encode() for q in self.queries]
+        http = dict(port=self.port, path=path, bodies=bodies, content_type=content_type)
+        s0, n0 = batch_counters(self.base)
+        load = (c, duration_s or self.duration_s, max_requests or self.max_requests, http)
+        r = self.gen.run(load, every_s)
+        s1, n1 = batch_counters(self.base)
+        return {**r, "batch": (s1 - s0) / (n1 - n0) if n1 > n0 else None}
+
+    def deploy(self, shape: Shape, max_batch: int, max_replicas: int) -> None:
+        t0 = time.monotonic()
+        deploy_shape(shape, self.ckpt, self.gallery, self.img_dim, self.n_images, max_batch,
+               max_replicas)  # fmt: skip
+        wait_for_search(self.base)
+        log(f"{shape.hops}-hop app (max_batch {max_batch}, max_replicas {max_replicas}) up in "
+            f"{time.monotonic() - t0:.1f} s")  # fmt: skip
+
+    def baselines(self, service: Any) -> None:
+        """The in-process ceiling, with Serve up and idle (the background of the Serve runs),
+        and Serve's floor: the echo app of each shape."""
+        from ray import serve
+
+        self.img_dim = service.img_dim
+        service.embed_texts(self.queries[:32])  # warm
+        for batch in (1, 32):
+            name = f"in-process, {batch} quer{'y' if batch == 1 else 'ies'}/call"
+            r = measure([in_process(service, self.queries, batch)], self.duration_s, per_call=batch)
+            self.record(name, name, "-", 1, {**r, "batch": batch})
+        for shape in SHAPES.values():
+            serve.run(floor_app(shape), name="floor", route_prefix="/floor")
+            name = f"Serve floor: echo, {shape.floor}"
+            self.record(f"floor/{shape.floor}", name, shape.hops, 1, self.load(1, "/floor/echo"))
+            serve.delete("floor")
+
+    def text_search(self, shape: Shape, levels: list[int], batching: str) -> None:
+        """``POST /search/text`` at each concurrency, as deployed (batching "on" or "off"),
+        then on one hop through a Serve handle."""
+        label = "on (max 32)" if batching == "on" else "off (max 1)"
+        for c in levels:
+            r = self.load(c)
+            self.record(shape.key(f"{batching}/{c}"), f"Serve, batching {label}", shape.hops, c, r)
+        if shape.hops == 1:
+            r = measure([through_handle(self.queries)], self.duration_s)
+            name = f"Retriever handle, no HTTP (batching {batching})"
+            self.record(f"{batching}/handle", name, "-", 1, r)
+
+    def page_and_images(self, shape: Shape) -> None:
+        """The search page, then one image query in each encoding."""
+        page = PageVisit(self.port, self.queries)
+        r = measure([page], self.duration_s, max_requests=200)
+        del r["qps"]  # one at a time on a new connection: latency only
+        page_ms, search_ms = r.pop("parts_p50_ms", [math.nan, math.nan])
+        r.update(api=page.api, page_bytes=page.page_bytes, page_p50_ms=page_ms,
+                 search_p50_ms=search_ms)  # fmt: skip
+        self.record(shape.key("page"), f"search page: GET / + POST {page.api}", shape.hops, 1, r)
+        for encoding, path, content_type, body in feature_bodies(self.img_dim):
+            r = self.load(1, path, [body], content_type)
+            r.update(bytes=len(body), shape=f"100x{self.img_dim}")
+            name = f"image query, {encoding} ({len(body)} B)"
+            self.record(shape.key(f"features/{encoding}"), name, shape.hops, 1, r)
+
+    def autoscale(self, shape: Shape, c: int, max_load_s: float, down_wait_s: float) -> None:
+        """Load at concurrency ``c`` until a second replica has served 8 s (at most
+        ``max_load_s``), then a bounded wait for the downscale."""
+        log(f"autoscaling phase, {shape.name}: max_replicas 2, concurrency {c}")
+        watch = ReplicaWatch(shape.retriever_app, self.gen.stop, max_load_s)
+        r = self.load(c, duration_s=max_load_s + 5, max_requests=10**7, every_s=watch.during_load)
+        self.record(None, "Serve, batching on, max_replicas 2", shape.hops, c, r)
+        log(f"replicas at the end of the load: {watch.samples[-1][1] if watch.samples else '?'}")
+        self.scales[shape.hops] = watch.after_load(down_wait_s)
+
+
+# -- the report -----------------------------------------------------------------------------------
+# The settings table: (column, format), fixed widths so that each row is logged when measured.
+COLUMNS = (("setting", "<41"), ("hops", ">4"), ("conc", ">4"), ("n", ">6"), ("err", ">4"),
+           ("p50 ms", ">8"), ("p99 ms", ">8"), ("QPS", ">7"), ("batch", ">6"),
+           ("client", ">6"))  # fmt: skip
+
+
+def _cells(cells: tuple[Any, ...]) -> str:
+    cells = tuple(f"{c!s:{spec}}" for c, (_, spec) in zip(cells, COLUMNS, strict=True))
+    return "| " + " | ".join(cells) + " |"
+
+
+def fmt_row(name: str, hops: Any, c: Any, r: dict[str, Any]) -> str:
+    """A setting's row: no QPS for the one-at-a-time page rows, no client CPU for the rows
+    measured in this process."""
+    qps, batch, cpu = r.get("qps"), r.get("batch"), r.get("client_cpu")
+    return _cells((
+        name, hops, c, r["n"], r["errors"], f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}",
+        "-" if qps is None else f"{qps:.1f}",
+        "-" if batch is None else batch if isinstance(batch, int) else f"{batch:.1f}",
+        "" if cpu is None else f"{100 * cpu:.0f}%",
+    ))  # fmt: skip
+
+
+def md_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
+
+    def line(cells: tuple[str, ...]) -> str:
+        return "| " + " | ".join(f"{c!s:<{w}}" for c, w in zip(cells, widths, strict=True)) + " |"
+
+    return [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)]
+
+
+def scale_text(s: dict[str, Any] | None) -> tuple[str, bool | None]:
+    """The autoscaling phase in words, and whether it scaled up and back down."""
+    if not s:
+        return "not run (--no-autoscale)", None
+    if s.get("decided_at") is None:
+        return f"did not scale up in {s['load_s']:.0f} s of load", False
+    up, down = s.get("up_at"), s.get("down_after")
+    text = f"2nd replica started at {s['decided_at']:.0f} s, "
+    text += f"RUNNING at {up:.0f} s" if up is not None else "never RUNNING"
+    text += f"; back to 1 {down:.0f} s after the load" if down is not None else "; not back to 1"
+    return text, up is not None and down is not None
+
+
+def _verdict(ok: bool | None) -> str:
+    return "-" if ok is None else "PASS" if ok else "FAIL"
+
+
+def verdicts(
+    results: dict[str, Any], scales: dict[int, Any], hops: list[int], top: int
+) -> list[tuple[str, str, str, str]]:
+    """(target, shape, measured, PASS/FAIL/-) for each target of each measured shape."""
+    out: list[tuple[str, str, str, str]] = []
+    base1 = results.get("in-process, 1 query/call")
+    ceiling = results.get("in-process, 32 queries/call")
+    for shape in (SHAPES[h] for h in hops):
+        r1, floor = results.get(shape.key("on/1")), results.get(f"floor/{shape.floor}")
+        if r1 and floor and base1:
+            over = r1["p50_ms"] - base1["p50_ms"]
+            ratio = over / max(floor["p50_ms"], 1e-9)
+            out.append((f"overhead at conc 1 <= {OVERHEAD_VS_FLOOR:g}x the echo floor", shape.name,
+                        f"{over:.1f} ms over in-process vs floor {floor['p50_ms']:.1f} ms "
+                        f"({ratio:.2f}x)", _verdict(ratio <= OVERHEAD_VS_FLOOR)))  # fmt: skip
+        rt = results.get(shape.key(f"on/{top}"))
+        if rt and ceiling:
+            share = rt["qps"] / max(ceiling["qps"], 1e-9)
+            out.append((f"QPS at conc {top} >= {CEILING_SHARE:.0%} of the in-process ceiling",
+                        shape.name, f"{rt['qps']:.1f} vs {ceiling['qps']:.1f} QPS ({share:.0%})",
+                        _verdict(share >= CEILING_SHARE)))  # fmt: skip
+        if rt:
+            ratio = rt["p99_ms"] / max(rt["p50_ms"], 1e-9)
+            out.append((f"p99 <= {P99_OVER_P50:g}x p50 at conc {top}", shape.name,
+                        f"p99 {rt['p99_ms']:.1f} / p50 {rt['p50_ms']:.1f} ms ({ratio:.2f}x)",
+                        _verdict(ratio <= P99_OVER_P50)))  # fmt: skip
+        text, ok = scale_text(scales.get(shape.hops))
+        out.append(("autoscaling 1 -> 2 -> 1 replicas (times reported)", shape.name, text,
+                    _verdict(ok)))  # fmt: skip
+        enc = {e: results.get(shape.key(f"features/{e}")) for e in ("JSON", "base64", "npy")}
+        if all(enc.values()):
+            j, b64, npy = (enc[e]["p50_ms"] for e in ("JSON", "base64", "npy"))
+            out.append((f"binary faster than JSON, image query {enc['npy']['shape']}", shape.name,
+                        f"p50 JSON {j:.1f}, base64 {b64:.1f}, npy {npy:.1f} ms "
+                        f"(JSON/binary {j / max(min(npy, b64), 1e-9):.1f}x)",
+                        _verdict(min(npy, b64) < j)))  # fmt: skip
+    return out
+
+
+def comparison(
+    results: dict[str, Any], scales: dict[int, Any], top: int
+) -> list[tuple[str, str, str, str]]:
+    """One hop vs two hops, figure by figure: (figure, 1 hop, 2 hops, 2 hops / 1 hop)."""
+    figures = [
+        ("p50 ms, conc 1", "on/1", "p50_ms"),
+        ("p99 ms, conc 1", "on/1", "p99_ms"),
+        (f"p50 ms, conc {top}", f"on/{top}", "p50_ms"),
+        (f"p99 ms, conc {top}", f"on/{top}", "p99_ms"),
+        (f"QPS, conc {top}", f"on/{top}", "qps"),
+        ("image query p50 ms, .npy body", "features/npy", "p50_ms"),
+        ("image query p50 ms, JSON body", "features/JSON", "p50_ms"),
+        ("search page: GET / p50 ms", "page", "page_p50_ms"),
+        ("search page: GET / + one search p50 ms", "page", "p50_ms"),
+        ("scale-up: 2nd replica RUNNING, s into load", "scale", "up_at"),
+        ("scale-down: back to 1 replica, s after load", "scale", "down_after"),
     ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    start = state["measure_from"]
-    last = max((t for t, _, _ in state["done"]), default=start)
-    end = max(start, min(state["deadline"], state["end_at"], last))
-    window = [(lat, ok) for t, lat, ok in state["done"] if start <= t <= end]
-    wall = max(end - start, 1e-9)
-    lat = sorted(x for x, ok in window if ok)
-    return {
-        "n": len(lat),
-        "errors": sum(not ok for _, ok in window),
-        "p50_ms": 1000 * _percentile(lat, 50),
-        "p99_ms": 1000 * _percentile(lat, 99),
-        "qps": len(lat) / wall,
-        "client_cpu": (_cpu_s() - cpu0) / (wall + WARMUP_S),
-    }
+    rows = []
+    for label, name, figure in figures:
+        one, two = (
+            ((scales.get(s.hops) if name == "scale" else results.get(s.key(name))) or {}).get(
+                figure
+            )
+            for s in (SHAPES[1], SHAPES[2])
+        )
+        one_s, two_s = ("-" if v is None else f"{v:.1f}" for v in (one, two))
+        rows.append((label, one_s, two_s, f"{two / one:.2f}x" if one and two is not None else "-"))
+    return rows
 
 
-def _cpu_s() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
+def report(bench: Bench, a: argparse.Namespace, load0: tuple[float, float, float]) -> None:
+    """The settings table, the one-hop vs two-hop table and the verdicts; ``--json`` too."""
+    results, scales, top = bench.results, bench.scales, max(a.levels)
+    print()
+    print(f"model: {MODELS[a.model]}; checkpoint {a.checkpoint or 'built fresh'}; gallery "
+          f"{bench.n_images} images; {a.duration:g} s per setting after {WARMUP_S:g} s warm-up; "
+          f"k={K}")  # fmt: skip
+    print(_cells(tuple(name for name, _ in COLUMNS)))
+    print("|" + "|".join("-" * (int(spec[1:]) + 2) for _, spec in COLUMNS) + "|")
+    print(*bench.rows, sep="\n")
+    print("batch: mean queries per model call (from the app's /metrics); client: CPU of the "
+          "load-generator process; search page rows: p50/p99 of GET / + the search, "
+          "one at a time on a new connection")  # fmt: skip
+    if f"on/{top}" in results and f"off/{top}" in results:
+        speedup = results[f"on/{top}"]["qps"] / max(results[f"off/{top}"]["qps"], 1e-9)
+        ceiling = results["in-process, 32 queries/call"]["qps"]
+        ceiling /= results["in-process, 1 query/call"]["qps"]
+        print(f"batching at concurrency {top}, 1 hop: {speedup:.2f}x the QPS of batching off; "
+              f"in-process, 32 queries per call give {ceiling:.2f}x the QPS of one")  # fmt: skip
+    if a.hops == [1, 2]:
+        print()
+        print(f"one hop vs two hops (batching on; autoscaling: max_replicas 2, concurrency {top}):")
+        print(*md_table(("figure", "1 hop", "2 hops", "2 hops / 1 hop"),
+                        comparison(results, scales, top)), sep="\n")  # fmt: skip
+    load1 = os.getloadavg()
+    print()
+    print("targets:")
+    print(*md_table(("target", "shape", "measured", "verdict"),
+                    verdicts(results, scales, a.hops, top)), sep="\n")  # fmt: skip
+    print(f"load average (1/5/15 min): start {load0[0]:.2f}/{load0[1]:.2f}/{load0[2]:.2f}, "
+          f"end {load1[0]:.2f}/{load1[1]:.2f}/{load1[2]:.2f}; {os.cpu_count()} CPUs; "
+          f"total {time.monotonic() - STARTED:.0f} s")  # fmt: skip
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"model": a.model, "results": results, "scale": scales.get(1),
+                       "scale_2hop": scales.get(2), "load": [load0, load1]},
+                      f, default=str)  # fmt: skip
 
 
-def loadgen_main(conn: Any, stop: Any) -> None:
-    """Serve load requests sent over ``conn`` until told to quit."""
-    while True:
-        msg = conn.recv()
-        if msg is None:
-            return
-        stop.clear()
-        conn.send(run_load(stop=stop, **msg))
-
-
-# -- server side ------------------------------------------------------------------------------
+# -- main -----------------------------------------------------------------------------------------
 def build_world(work: Path, model: str, test_images: int) -> tuple[Path, Path]:
     """A fresh checkpoint and a gallery over synthetic features (CLI commands, in-process)."""
     from hrem_ray.cli import main
@@ -223,458 +715,7 @@ def build_world(work: Path, model: str, test_images: int) -> tuple[Path, Path]:
     return ckpt, gallery
 
 
-def in_process(service: Any, queries: list[str], duration_s: float, batch: int) -> dict[str, Any]:
-    """The model without Serve: ``batch`` queries per call, closed loop, one thread."""
-    lat: list[float] = []
-    i = 0
-    t_end = time.perf_counter() + WARMUP_S + duration_s
-    measure_from = time.perf_counter() + WARMUP_S
-    while (now := time.perf_counter()) < t_end:
-        qs = [queries[(i + j) % len(queries)] for j in range(batch)]
-        i += batch
-        embs = service.embed_texts(qs)
-        for e in embs:
-            service.images_for(e, K)
-        if now >= measure_from:
-            lat.append(time.perf_counter() - now)
-    lat.sort()
-    wall = sum(lat)
-    return {
-        "n": len(lat) * batch,
-        "errors": 0,
-        "p50_ms": 1000 * _percentile(lat, 50),
-        "p99_ms": 1000 * _percentile(lat, 99),
-        "qps": len(lat) * batch / wall if wall else float("nan"),
-        "client_cpu": float("nan"),
-    }
-
-
-def through_handle(queries: list[str], duration_s: float) -> dict[str, Any]:
-    """``search_text`` on the Retriever through a Serve handle from this process, one at a time:
-    Serve's replica call without the HTTP proxy and the ingress (splits the overhead)."""
-    from ray import serve
-
-    handle = serve.get_deployment_handle("Retriever", app_name="hrem")
-    lat: list[float] = []
-    i = 0
-    t_end = time.perf_counter() + WARMUP_S + duration_s
-    measure_from = time.perf_counter() + WARMUP_S
-    while (now := time.perf_counter()) < t_end:
-        handle.search_text.remote(queries[i % len(queries)], K).result()
-        i += 1
-        if now >= measure_from:
-            lat.append(time.perf_counter() - now)
-    lat.sort()
-    return {
-        "n": len(lat),
-        "errors": 0,
-        "p50_ms": 1000 * _percentile(lat, 50),
-        "p99_ms": 1000 * _percentile(lat, 99),
-        "qps": len(lat) / sum(lat) if lat else float("nan"),
-        "client_cpu": float("nan"),
-    }
-
-
-def floor_apps() -> dict[str, Any]:
-    """Echo apps with no model (POST /echo returns its JSON body): Serve's own cost here."""
-    from fastapi import FastAPI
-    from ray import serve
-
-    alone, forwarding = FastAPI(), FastAPI()
-    options = {"ray_actor_options": {"num_cpus": 0.1}}
-
-    @serve.deployment(**options)
-    class Echo:
-        async def echo(self, body: dict) -> dict:
-            return body
-
-    @serve.deployment(**options)
-    @serve.ingress(alone)
-    class EchoIngress:
-        @alone.post("/echo")
-        async def echo(self, body: dict) -> dict:
-            return body
-
-    @serve.deployment(**options)
-    @serve.ingress(forwarding)
-    class ForwardingIngress:
-        def __init__(self, echo: Any):
-            self.echo_deployment = echo
-
-        @forwarding.post("/echo")
-        async def echo(self, body: dict) -> dict:
-            return await self.echo_deployment.echo.remote(body)
-
-    return {
-        "ingress alone": EchoIngress.bind(),
-        "ingress + 1 deployment": ForwardingIngress.bind(Echo.bind()),
-    }
-
-
-RETRIEVER_APP = {1: "hrem", 2: "hrem_retriever"}  # the Serve app holding the Retriever
-
-
-def deploy_two_hop(
-    ckpt: Path, gallery: Path, img_dim: int, n_images: int, max_batch: int, max_replicas: int
-) -> None:
-    """The older shape, built from the same service code: the ``Retriever`` of ``app.py``
-    (autoscaling, its own HTTP app unused) as an application with no route, and in front of
-    it a FastAPI ingress deployment (``build_app`` of ``api.py``, one replica) that forwards
-    every route's operation through a DeploymentHandle: proxy -> ingress -> Retriever, two
-    hops. Serve allows one FastAPI deployment per application, hence two applications. The
-    ingress holds no model, so ``img_dim`` (its request schema) and the gallery size (its
-    gauge) are arguments."""
-    from ray import serve
-
-    from hrem_ray.serving.api import build_app
-    from hrem_ray.serving.app import AUTOSCALING, Retriever
-
-    class HandleBackend:
-        """``api.Backend`` over a DeploymentHandle: each operation runs in a Retriever."""
-
-        def __init__(self, handle: Any, img_dim: int, n_images: int):
-            self.handle, self.img_dim, self.n_images = handle, img_dim, n_images
-
-        async def call(self, op: str, **kwargs: Any) -> Any:
-            return await getattr(self.handle, op).remote(**kwargs)
-
-        def gallery_images(self) -> int:
-            return self.n_images
-
-    # max_ongoing_requests: Serve's default (5) would cap the ingress below concurrency 32.
-    @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
-    @serve.ingress()
-    class Ingress:
-        def __init__(self, app_name: str, img_dim: int, n_images: int):
-            handle = serve.get_deployment_handle("Retriever", app_name=app_name)
-            self.backend = HandleBackend(handle, img_dim, n_images)
-
-        def __serve_build_asgi_app__(self):
-            return build_app(self.backend)
-
-    autoscaling = {**AUTOSCALING, "max_replicas": max_replicas}
-    retriever = Retriever.options(
-        autoscaling_config=autoscaling, user_config={"max_batch_size": max_batch}
-    ).bind(str(ckpt.resolve()), str(gallery.resolve()))
-    serve.run(retriever, name=RETRIEVER_APP[2], route_prefix=None)
-    serve.run(Ingress.bind(RETRIEVER_APP[2], img_dim, n_images), name="hrem", route_prefix="/")
-
-
-def feature_bodies(img_dim: int, regions: int = 100) -> list[tuple[str, str, str, bytes]]:
-    """One image query (``POST /search/image``, k=K) of ``regions`` x ``img_dim`` float32
-    features in each encoding of docs/serving.md: (name, path, content type, body)."""
-    import base64
-    import io
-
-    import numpy as np
-
-    feats = np.random.default_rng(0).uniform(0, 4, (regions, img_dim)).astype(np.float32)
-    npy = io.BytesIO()
-    np.save(npy, feats)
-    as_json = json.dumps({"features": feats.tolist(), "k": K}).encode()
-    encoded = base64.b64encode(feats.astype("<f4").tobytes()).decode()
-    as_b64 = json.dumps({"features": {"shape": list(feats.shape), "base64": encoded}, "k": K})
-    return [
-        ("JSON", "/search/image", "application/json", as_json),
-        ("base64", "/search/image", "application/json", as_b64.encode()),
-        ("npy", f"/search/image?k={K}", "application/x-npy", npy.getvalue()),
-    ]
-
-
-def page_timing(
-    port: int, queries: list[str], duration_s: float, max_rounds: int = 200
-) -> dict[str, Any]:
-    """The search page as a browser uses it, in plain HTTP: a new connection, ``GET /``, then
-    on the same connection the one API call its search form makes (the path is read from the
-    page's script, so a changed page is measured as it is). Sequential, after one warm-up."""
-    import urllib.request
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30) as r:
-        found = re.search(r'post\("(/search/[a-z]+)"', r.read().decode())
-    if found is None:
-        raise RuntimeError('the search page has no post("/search/...") call')
-    api = found.group(1)
-    page, search, total = [], [], []
-    size, i, errors = 0, 0, 0
-    t_end = time.perf_counter() + duration_s
-    while (i == 0 or time.perf_counter() < t_end) and i < max_rounds:
-        body = json.dumps({"query": queries[i % len(queries)], "k": K}).encode()
-        t0 = time.perf_counter()
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        try:
-            conn.request("GET", "/", headers={"accept": "text/html"})
-            resp = conn.getresponse()
-            size = len(resp.read())
-            ok = resp.status == 200
-            t1 = time.perf_counter()
-            conn.request("POST", api, body, {"content-type": "application/json"})
-            resp = conn.getresponse()
-            ok = ok and resp.status == 200 and bool(json.loads(resp.read())["results"])
-        except (OSError, http.client.HTTPException, ValueError, KeyError):
-            ok = False
-        finally:
-            conn.close()
-        t2 = time.perf_counter()
-        i += 1
-        if i == 1:
-            continue  # warm-up round
-        if not ok:
-            errors += 1
-            continue
-        page.append(t1 - t0)
-        search.append(t2 - t1)
-        total.append(t2 - t0)
-    page.sort(), search.sort(), total.sort()
-    return {
-        "api": api,
-        "n": len(total),
-        "errors": errors,
-        "page_bytes": size,
-        "page_p50_ms": 1000 * _percentile(page, 50),
-        "search_p50_ms": 1000 * _percentile(search, 50),
-        "p50_ms": 1000 * _percentile(total, 50),
-        "p99_ms": 1000 * _percentile(total, 99),
-    }
-
-
-def batch_counters(base: str) -> tuple[float, float]:
-    """(sum, count) of the ingress's hrem_text_batch_size histogram."""
-    import urllib.request
-
-    with urllib.request.urlopen(base + "/metrics", timeout=30) as r:
-        text = r.read().decode()
-    found = dict(re.findall(r"^hrem_text_batch_size_(sum|count) (\S+)$", text, re.M))
-    return float(found.get("sum", 0)), float(found.get("count", 0))
-
-
-def wait_ready(base: str, timeout_s: float = 120) -> None:
-    import urllib.error
-    import urllib.request
-
-    deadline = time.monotonic() + timeout_s
-    body = json.dumps({"query": "warm up", "k": 1}).encode()
-    while True:
-        try:
-            req = urllib.request.Request(
-                base + "/search/text", body, {"content-type": "application/json"}
-            )
-            with urllib.request.urlopen(req, timeout=30) as r:
-                if r.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{base} did not answer /search/text in {timeout_s:.0f} s")
-        time.sleep(0.5)
-
-
-def replica_states(app_name: str = "hrem") -> dict[str, int]:
-    from ray import serve
-
-    app = serve.status().applications.get(app_name)
-    if app is None or "Retriever" not in app.deployments:
-        return {}
-    states = app.deployments["Retriever"].replica_states
-    return {str(getattr(k, "value", k)): n for k, n in states.items()}
-
-
-def deploy(ckpt: Path, gallery: Path, max_batch: int, max_replicas: int) -> None:
-    """Redeploy the app with a second ``serve.run``: the user_config reaches the new replicas'
-    ``reconfigure()`` (Ray 2.60's ``serve.run`` gives every deployment a new version, so the
-    replicas restart; ``Deployment.options(version=...)`` is gone)."""
-    from ray import serve
-
-    from hrem_ray.serving.app import AUTOSCALING, Retriever
-
-    autoscaling = {**AUTOSCALING, "max_replicas": max_replicas}
-    app = Retriever.options(
-        autoscaling_config=autoscaling, user_config={"max_batch_size": max_batch}
-    ).bind(str(ckpt.resolve()), str(gallery.resolve()))
-    serve.run(app, name="hrem", route_prefix="/")
-
-
-def autoscale_phase(a, c, base, load, stop, rows, log, hops: int) -> dict[str, Any]:
-    """Load at concurrency ``c`` until a second replica has served 8 s (at most
-    ``a.scale_load_s``), sampling ``serve.status()`` every second; then wait (bounded) until
-    the deployment is back to one RUNNING replica. Times are from the start of the load."""
-    samples: list[tuple[float, dict[str, int]]] = []
-    done = threading.Event()
-    t_load = time.monotonic()
-    out: dict[str, Any] = {}
-
-    def sample() -> None:
-        while not done.is_set():
-            t, states = time.monotonic() - t_load, replica_states(RETRIEVER_APP[hops])
-            samples.append((t, states))
-            if sum(states.values()) >= 2:
-                out.setdefault("decided_at", t)  # a second replica exists (STARTING or more)
-            if states.get("RUNNING", 0) >= 2:
-                out.setdefault("up_at", t)
-            done.wait(1.0)
-
-    def stopper() -> None:
-        while time.monotonic() - t_load < a.scale_load_s and not done.is_set():
-            if "up_at" in out and time.monotonic() - t_load > out["up_at"] + 8:
-                break
-            time.sleep(0.5)
-        stop.set()
-
-    threads = [threading.Thread(target=f, daemon=True) for f in (sample, stopper)]
-    for t in threads:
-        t.start()
-    try:
-        s0, n0 = batch_counters(base)
-        r = load(c, a.scale_load_s + 5, max_requests=10**7)
-        s1, n1 = batch_counters(base)
-        threads[1].join()
-        out["load_s"] = time.monotonic() - t_load
-        out["peak_in_load"] = max(
-            (s.get("RUNNING", 0) for t, s in samples if t <= out["load_s"]), default=0
-        )
-        mean_batch = f"{(s1 - s0) / (n1 - n0):.1f}" if n1 > n0 else "-"
-        rows.append(fmt_row("Serve, batching on, max_replicas 2", hops, c, r, mean_batch))
-        log(rows[-1])
-        log(f"replicas at the end of the load: {samples[-1][1] if samples else '?'}")
-        deadline = time.monotonic() + a.scale_down_wait_s
-        while time.monotonic() < deadline:
-            states = samples[-1][1] if samples else {}
-            if "decided_at" in out and states == {"RUNNING": 1} and samples[-1][0] > out["load_s"]:
-                out["down_after"] = samples[-1][0] - out["load_s"]
-                break
-            if "decided_at" not in out and time.monotonic() - t_load > out["load_s"] + 15:
-                break  # never scaled: nothing to wait for
-            time.sleep(0.5)
-    finally:
-        done.set()
-        for t in threads:
-            t.join(5)
-    out["peak"] = max((s.get("RUNNING", 0) for _, s in samples), default=0)
-    out["after"] = replica_states(RETRIEVER_APP[hops])
-    return out
-
-
-def fmt_row(name: str, hops: Any, c: Any, r: dict[str, Any], batch: str) -> str:
-    cpu = r.get("client_cpu", float("nan"))
-    cpu = "" if cpu != cpu else f"{100 * cpu:.0f}%"
-    qps = r.get("qps", float("nan"))
-    qps = "-" if qps != qps else f"{qps:.1f}"  # the search page rows: one at a time, no QPS
-    return (
-        f"| {name:<41} | {hops!s:>4} | {c!s:>4} | {r['n']:>6} | {r['errors']:>4} "
-        f"| {r['p50_ms']:>8.1f} "
-        f"| {r['p99_ms']:>8.1f} | {qps:>7} | {batch:>6} | {cpu:>6} |"
-    )
-
-
-def key(hops: int, name: str) -> str:
-    """Result keys: the one-hop app's as before (bench/run_all.py reads them), the two-hop
-    app's under ``2hop/``."""
-    return name if hops == 1 else f"2hop/{name}"
-
-
-FLOOR = {1: "ingress alone", 2: "ingress + 1 deployment"}  # echo apps of each shape
-# Targets (issue 16): Serve's overhead at concurrency 1 at most this times the echo floor of
-# the same shape; QPS at the top concurrency at least this share of the in-process ceiling
-# (32 queries per call); p99 at most this times p50 there.
-OVERHEAD_VS_FLOOR = 1.2
-CEILING_SHARE = 0.85
-P99_OVER_P50 = 3.0
-
-
-def scale_text(s: dict[str, Any] | None) -> tuple[str, bool | None]:
-    """The autoscaling phase in words, and whether it scaled up and back down."""
-    if not s:
-        return "not run (--no-autoscale)", None
-    if s.get("decided_at") is None:
-        return f"did not scale up in {s['load_s']:.0f} s of load", False
-    up, down = s.get("up_at"), s.get("down_after")
-    text = f"2nd replica started at {s['decided_at']:.0f} s, "
-    text += f"RUNNING at {up:.0f} s" if up is not None else "never RUNNING"
-    text += f"; back to 1 {down:.0f} s after the load" if down is not None else "; not back to 1"
-    return text, up is not None and down is not None
-
-
-def verdicts(
-    results: dict[str, Any], scales: dict[int, Any], hops: list[int], top: int
-) -> list[tuple[str, str, str, str]]:
-    """(target, shape, measured, PASS/FAIL/-) for each target of each measured shape."""
-    out: list[tuple[str, str, str, str]] = []
-    base1 = results.get("in-process, 1 query/call")
-    ceiling = results.get("in-process, 32 queries/call")
-    verdict = lambda ok: "-" if ok is None else "PASS" if ok else "FAIL"  # noqa: E731
-    for h in hops:
-        shape = f"{h} hop{'s' if h > 1 else ''}"
-        r1, floor = results.get(key(h, "on/1")), results.get(f"floor/{FLOOR[h]}")
-        if r1 and floor and base1:
-            over = r1["p50_ms"] - base1["p50_ms"]
-            ratio = over / max(floor["p50_ms"], 1e-9)
-            out.append((f"overhead at conc 1 <= {OVERHEAD_VS_FLOOR:g}x the echo floor", shape,
-                        f"{over:.1f} ms over in-process vs floor {floor['p50_ms']:.1f} ms "
-                        f"({ratio:.2f}x)", verdict(ratio <= OVERHEAD_VS_FLOOR)))  # fmt: skip
-        rt = results.get(key(h, f"on/{top}"))
-        if rt and ceiling:
-            share = rt["qps"] / max(ceiling["qps"], 1e-9)
-            out.append((f"QPS at conc {top} >= {CEILING_SHARE:.0%} of the in-process ceiling",
-                        shape, f"{rt['qps']:.1f} vs {ceiling['qps']:.1f} QPS ({share:.0%})",
-                        verdict(share >= CEILING_SHARE)))  # fmt: skip
-        if rt:
-            ratio = rt["p99_ms"] / max(rt["p50_ms"], 1e-9)
-            out.append((f"p99 <= {P99_OVER_P50:g}x p50 at conc {top}", shape,
-                        f"p99 {rt['p99_ms']:.1f} / p50 {rt['p50_ms']:.1f} ms ({ratio:.2f}x)",
-                        verdict(ratio <= P99_OVER_P50)))  # fmt: skip
-        text, ok = scale_text(scales.get(h))
-        out.append(("autoscaling 1 -> 2 -> 1 replicas (times reported)", shape, text, verdict(ok)))
-        enc = {e: results.get(key(h, f"features/{e}")) for e in ("JSON", "base64", "npy")}
-        if all(enc.values()):
-            j = enc["JSON"]["p50_ms"]
-            best = min(enc["npy"]["p50_ms"], enc["base64"]["p50_ms"])
-            out.append((f"binary faster than JSON, image query {enc['npy']['shape']}", shape,
-                        f"p50 JSON {j:.1f}, base64 {enc['base64']['p50_ms']:.1f}, npy "
-                        f"{enc['npy']['p50_ms']:.1f} ms (JSON/binary {j / max(best, 1e-9):.1f}x)",
-                        verdict(best < j)))  # fmt: skip
-    return out
-
-
-def comparison(
-    results: dict[str, Any], scales: dict[int, Any], top: int
-) -> list[tuple[str, str, str, str]]:
-    """One hop vs two hops, figure by figure: (figure, 1 hop, 2 hops, 2 hops / 1 hop)."""
-
-    def get(h: int, name: str, field: str) -> float | None:
-        r = scales.get(h) if name == "scale" else results.get(key(h, name))
-        return r.get(field) if r else None
-
-    figures = [
-        ("p50 ms, conc 1", "on/1", "p50_ms", "ms"),
-        ("p99 ms, conc 1", "on/1", "p99_ms", "ms"),
-        (f"p50 ms, conc {top}", f"on/{top}", "p50_ms", "ms"),
-        (f"p99 ms, conc {top}", f"on/{top}", "p99_ms", "ms"),
-        (f"QPS, conc {top}", f"on/{top}", "qps", "/s"),
-        ("image query p50 ms, .npy body", "features/npy", "p50_ms", "ms"),
-        ("image query p50 ms, JSON body", "features/JSON", "p50_ms", "ms"),
-        ("search page: GET / p50 ms", "page", "page_p50_ms", "ms"),
-        ("search page: GET / + one search p50 ms", "page", "p50_ms", "ms"),
-        ("scale-up: 2nd replica RUNNING, s into load", "scale", "up_at", "s"),
-        ("scale-down: back to 1 replica, s after load", "scale", "down_after", "s"),
-    ]
-    rows = []
-    for label, name, field, _unit in figures:
-        one, two = get(1, name, field), get(2, name, field)
-        fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
-        ratio = f"{two / one:.2f}x" if one and two is not None else "-"
-        rows.append((label, fmt(one), fmt(two), ratio))
-    return rows
-
-
-def md_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
-
-    def line(cells: tuple[str, ...]) -> str:
-        return "| " + " | ".join(f"{c!s:<{w}}" for c, w in zip(cells, widths, strict=True)) + " |"
-
-    return [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)]
-
-
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", help="use this checkpoint (with --gallery)")
     p.add_argument("--gallery", help="gallery folder written by hrem-ray index")
@@ -698,32 +739,16 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if bool(a.checkpoint) != bool(a.gallery):
         p.error("--checkpoint and --gallery go together")
-    levels = [int(x) for x in a.concurrency.split(",")]
-    hops = sorted({int(x) for x in a.hops.split(",")})
-    if not set(hops) <= {1, 2}:
+    a.levels = [int(x) for x in a.concurrency.split(",")]
+    a.hops = sorted({int(x) for x in a.hops.split(",")})
+    if not set(a.hops) <= set(SHAPES):
         p.error("--hops takes 1, 2 or 1,2")
-    model = "tiny" if a.tiny else "bert-base" if a.bert_base else "minilm"
-    set_env_defaults()
-    started = time.monotonic()
-    log = lambda msg: print(f"[{time.monotonic() - started:6.1f} s] {msg}", flush=True)  # noqa: E731
-    load0 = os.getloadavg()
+    a.model = "tiny" if a.tiny else "bert-base" if a.bert_base else "minilm"
+    return a
 
-    # The load generator starts first, before this process holds Ray or torch threads.
-    ctx = mp.get_context("spawn")
-    parent, child = ctx.Pipe()
-    stop = ctx.Event()
-    gen = ctx.Process(target=loadgen_main, args=(child, stop), daemon=True, name="loadgen")
-    gen.start()
 
-    tmp = None
-    if a.checkpoint:
-        ckpt, gallery = Path(a.checkpoint), Path(a.gallery)
-    else:
-        tmp = tempfile.TemporaryDirectory(prefix="hrem_serve_load_")
-        work = Path(a.work) if a.work else Path(tmp.name)
-        log(f"building a {model} checkpoint and gallery in {work}")
-        ckpt, gallery = build_world(work, model, a.test_images)
-
+def run(a: argparse.Namespace, gen: LoadGen, ckpt: Path, gallery: Path) -> Bench:
+    """Every setting, in the order of the docstring, on a private local Ray."""
     import ray
     import torch
     from ray import serve
@@ -734,171 +759,59 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     opened = Gallery.open(gallery)
-    captions, n_images = opened.captions, opened.n_images
+    bench = Bench(gen, free_port(), ckpt, gallery, list(opened.captions[:500]), opened.n_images,
+                  a.duration, a.max_requests)  # fmt: skip
     del opened
-    queries = captions[: min(len(captions), 500)]
-    bodies = [json.dumps({"query": q, "k": K}).encode() for q in queries]
-    rows: list[str] = []
-    results: dict[str, dict[str, Any]] = {}
-    scales: dict[int, dict[str, Any]] = {}
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    top = max(levels)
-
-    def load(
-        c: int,
-        duration: float,
-        max_requests: int | None = None,
-        path: str = "/search/text",
-        payloads: list[bytes] | None = None,
-        content_type: str = "application/json",
-    ) -> dict[str, Any]:
-        limit = max_requests or a.max_requests
-        parent.send(
-            dict(host="127.0.0.1", port=port, bodies=payloads or bodies, concurrency=c,
-                 duration_s=duration, max_requests=limit, path=path, content_type=content_type)
-        )  # fmt: skip
-        return parent.recv()
-
-    def add(h: Any, name: str, c: Any, r: dict[str, Any], batch: str = "-") -> None:
-        rows.append(fmt_row(name, h, c, r, batch))
-        log(rows[-1])
-
-    def deploy_shape(h: int, max_batch: int, max_replicas: int) -> None:
-        t0 = time.monotonic()
-        if h == 1:
-            deploy(ckpt, gallery, max_batch=max_batch, max_replicas=max_replicas)
-        else:
-            serve.delete("hrem")  # a clean switch of shape
-            deploy_two_hop(ckpt, gallery, img_dim, n_images, max_batch, max_replicas)
-        wait_ready(base)
-        log(f"{h}-hop app (max_batch {max_batch}, max_replicas {max_replicas}) up in "
-            f"{time.monotonic() - t0:.1f} s")  # fmt: skip
-
-    def measure_shape(h: int) -> None:
-        """Batching on at every level, the search page and the image query encodings."""
-        for c in levels:
-            s0, n0 = batch_counters(base)
-            r = load(c, a.duration)
-            s1, n1 = batch_counters(base)
-            results[key(h, f"on/{c}")] = r
-            add(h, "Serve, batching on (max 32)", c, r,
-                f"{(s1 - s0) / (n1 - n0):.1f}" if n1 > n0 else "-")  # fmt: skip
-        if h == 1:
-            results["on/handle"] = r = through_handle(queries, a.duration)
-            add("-", "Retriever handle, no HTTP (batching on)", 1, r)
-        results[key(h, "page")] = r = page_timing(port, queries, a.duration)
-        add(h, f"search page: GET / + POST {r['api']}", 1, r)
-        for encoding, path, content_type, payload in feature_bodies(img_dim):
-            r = load(1, a.duration, path=path, payloads=[payload], content_type=content_type)
-            shape = {"bytes": len(payload), "shape": f"100x{img_dim}"}
-            results[key(h, f"features/{encoding}")] = {**r, **shape}
-            add(h, f"image query, {encoding} ({len(payload)} B)", 1, r)
-
     try:
         log("ray.init (a private local instance)")
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         t0 = time.monotonic()
-        url = run_service(str(ckpt), str(gallery), host="127.0.0.1", port=port, max_replicas=1)
-        wait_ready(base)
+        url = run_service(str(ckpt), str(gallery), host="127.0.0.1", port=bench.port,
+                          max_replicas=1)  # fmt: skip
+        wait_for_search(bench.base)
         log(f"run_service up at {url} in {time.monotonic() - t0:.1f} s")
-
-        # In-process baseline, with Serve up and idle (the same background as the Serve runs).
-        service = RetrievalService(ckpt, gallery)
-        service.embed_texts(queries[:32])  # warm
-        for batch in (1, 32):
-            name = f"in-process, {batch} quer{'y' if batch == 1 else 'ies'}/call"
-            results[name] = r = in_process(service, queries, a.duration, batch)
-            add("-", name, 1, r, str(batch))
-        img_dim = service.img_dim
-        del service
-
-        for h, (name, floor_app) in zip((1, 2), floor_apps().items(), strict=True):
-            serve.run(floor_app, name="floor", route_prefix="/floor")
-            results[f"floor/{name}"] = r = load(1, a.duration, path="/floor/echo")
-            add(h, f"Serve floor: echo, {name}", 1, r)
-            serve.delete("floor")
-
-        if 1 in hops:  # the app as run_service started it
-            measure_shape(1)
-            deploy_shape(1, max_batch=1, max_replicas=1)
-            for c in levels:
-                s0, n0 = batch_counters(base)
-                r = load(c, a.duration)
-                s1, n1 = batch_counters(base)
-                results[f"off/{c}"] = r
-                add(1, "Serve, batching off (max 1)", c, r,
-                    f"{(s1 - s0) / (n1 - n0):.1f}" if n1 > n0 else "-")  # fmt: skip
-            results["off/handle"] = r = through_handle(queries, a.duration)
-            add("-", "Retriever handle, no HTTP (batching off)", 1, r)
+        bench.baselines(RetrievalService(ckpt, gallery))
+        for shape in (SHAPES[h] for h in a.hops):
+            if shape.hops == 2:
+                bench.deploy(shape, max_batch=32, max_replicas=1)
+            bench.text_search(shape, a.levels, "on")
+            bench.page_and_images(shape)
+            if shape.hops == 1:
+                bench.deploy(shape, max_batch=1, max_replicas=1)
+                bench.text_search(shape, a.levels, "off")
             if not a.no_autoscale:
-                deploy_shape(1, max_batch=32, max_replicas=2)
-                log(f"autoscaling phase, 1 hop: max_replicas 2, concurrency {top}")
-                scales[1] = autoscale_phase(a, top, base, load, stop, rows, log, hops=1)
-        if 2 in hops:
-            deploy_shape(2, max_batch=32, max_replicas=1)
-            measure_shape(2)
-            if not a.no_autoscale:
-                deploy_shape(2, max_batch=32, max_replicas=2)
-                log(f"autoscaling phase, 2 hops: max_replicas 2, concurrency {top}")
-                scales[2] = autoscale_phase(a, top, base, load, stop, rows, log, hops=2)
+                bench.deploy(shape, max_batch=32, max_replicas=2)
+                bench.autoscale(shape, max(a.levels), a.scale_load_s, a.scale_down_wait_s)
     finally:
-        parent.send(None)
-        gen.join(10)
-        if gen.is_alive():
-            gen.terminate()
         try:
             serve.shutdown()
         finally:
             ray.shutdown()
-            if tmp is not None:
-                tmp.cleanup()
+    return bench
 
-    header = (
-        f"| {'setting':<41} | {'hops':>4} | {'conc':>4} | {'n':>6} | {'err':>4} | {'p50 ms':>8} "
-        f"| {'p99 ms':>8} | {'QPS':>7} | {'batch':>6} | {'client':>6} |"
-    )
-    print()
-    print(f"model: {MODELS[model]}; "
-          f"checkpoint {a.checkpoint or 'built fresh'}; gallery {n_images} images; "
-          f"{a.duration:g} s per setting after {WARMUP_S:g} s warm-up; k={K}")  # fmt: skip
-    print(header)
-    print("|" + "|".join("-" * (len(x) - 0) for x in header.split("|")[1:-1]) + "|")
-    for row in rows:
-        print(row)
-    print("batch: mean queries per model call (from the app's /metrics); client: CPU of the "
-          "load-generator process; search page rows: p50/p99 of GET / + the search, "
-          "one at a time on a new connection")  # fmt: skip
 
-    if f"on/{top}" in results and f"off/{top}" in results:
-        speedup = results[f"on/{top}"]["qps"] / max(results[f"off/{top}"]["qps"], 1e-9)
-        ceiling = results["in-process, 32 queries/call"]["qps"]
-        ceiling /= results["in-process, 1 query/call"]["qps"]
-        print(f"batching at concurrency {top}, 1 hop: {speedup:.2f}x the QPS of batching off; "
-              f"in-process, 32 queries per call give {ceiling:.2f}x the QPS of one")  # fmt: skip
-    if hops == [1, 2]:
-        print()
-        print("one hop vs two hops (batching on; autoscaling: max_replicas 2, "
-              f"concurrency {top}):")  # fmt: skip
-        for line in md_table(("figure", "1 hop", "2 hops", "2 hops / 1 hop"),
-                             comparison(results, scales, top)):  # fmt: skip
-            print(line)
-    load1 = os.getloadavg()
-    print()
-    print("targets:")
-    for line in md_table(("target", "shape", "measured", "verdict"),
-                         verdicts(results, scales, hops, top)):  # fmt: skip
-        print(line)
-    print(f"load average (1/5/15 min): start {load0[0]:.2f}/{load0[1]:.2f}/{load0[2]:.2f}, "
-          f"end {load1[0]:.2f}/{load1[1]:.2f}/{load1[2]:.2f}; {os.cpu_count()} CPUs; "
-          f"total {time.monotonic() - started:.0f} s")  # fmt: skip
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"model": model, "results": results, "scale": scales.get(1),
-                       "scale_2hop": scales.get(2), "load": [load0, load1]},
-                      f, default=str)  # fmt: skip
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    set_env_defaults()
+    load0 = os.getloadavg()
+    gen = LoadGen()  # first, before this process holds Ray or torch threads
+    with ExitStack() as cleanup:
+        cleanup.callback(gen.close)
+        if a.checkpoint:
+            ckpt, gallery = Path(a.checkpoint), Path(a.gallery)
+        else:
+            tmp = (
+                None
+                if a.work
+                else cleanup.enter_context(tempfile.TemporaryDirectory(prefix="hrem_serve_load_"))
+            )
+            work = Path(a.work or tmp)
+            log(f"building a {a.model} checkpoint and gallery in {work}")
+            ckpt, gallery = build_world(work, a.model, a.test_images)
+        bench = run(a, gen, ckpt, gallery)
+    report(bench, a, load0)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

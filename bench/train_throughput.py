@@ -42,7 +42,7 @@ import torch  # noqa: E402
 from hrem_ray.backbone import default_bert_path, write_tiny_bert  # noqa: E402
 from hrem_ray.checkpoint import load_train_state  # noqa: E402
 from hrem_ray.config import HREMConfig  # noqa: E402
-from hrem_ray.data.synth import write_synthetic  # noqa: E402
+from hrem_ray.synth import write_synthetic  # noqa: E402
 
 SETTINGS = ("plain", "ray-1w", "ray-2w")
 
@@ -96,7 +96,8 @@ def run_ray(cfg: HREMConfig, out: Path, workers: int, cpus: float) -> Row:
 def _fit(cfg: HREMConfig, out: Path, workers: int, cpus: float) -> Row:
     import ray
 
-    from hrem_ray.train.ray_train import RayRunOptions, build_trainer
+    from hrem_ray.options import RayRunOptions
+    from hrem_ray.train.ray_train import build_trainer
 
     options = RayRunOptions(
         storage_path=str(out / "ray"),

@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from hrem_ray import __version__, storage
 from hrem_ray.backbone import copy_backbone_files
 from hrem_ray.config import HREMConfig
+from hrem_ray.data.tokenize import CaptionTokenizer
 from hrem_ray.model import HREM, build_model
 
 FORMAT = "hrem-ray-checkpoint"
@@ -53,6 +54,11 @@ class Checkpoint:
     @property
     def backbone_dir(self) -> Path:
         return self.path / BACKBONE
+
+    def tokenizer(self) -> CaptionTokenizer:
+        """The tokenizer the model was trained with: the checkpoint's own vocabulary and
+        caption length, so every consumer tokenises as training did."""
+        return CaptionTokenizer.from_dir(self.backbone_dir, max_tokens=self.config.data.max_tokens)
 
 
 def code_version() -> dict[str, str]:

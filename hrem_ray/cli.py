@@ -11,12 +11,19 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 
-import numpy as np
-
-from hrem_ray.fileio import write_atomic
 from hrem_ray.index.ivf import DEFAULT_NPROBE
+from hrem_ray.options import (
+    CLI_FLAGS,
+    DATASETS,
+    FEATURE_DTYPES,
+    SWEEP_RUN_SKIPS,
+    RayRunOptions,
+    SweepOptions,
+    add_config_flags,
+    add_flags,
+    from_args,
+)
 
 # One line per problem a user can fix; anything else is a bug and keeps its traceback.
 ADDRESS_HELP = (
@@ -32,7 +39,7 @@ def _log(msg: str) -> None:
 
 
 def cmd_synth(a: argparse.Namespace) -> None:
-    from hrem_ray.data.synth import write_synthetic
+    from hrem_ray.synth import write_synthetic
 
     folder = write_synthetic(
         a.out, dataset=a.dataset, train_images=a.train_images, dev_images=a.dev_images,
@@ -57,11 +64,11 @@ def cmd_tiny_bert(a: argparse.Namespace) -> None:
 
 def _config(a: argparse.Namespace):
     """``--config``, then the dedicated flags (``CLI_FLAGS``), then ``--set`` overrides."""
-    from hrem_ray.config import CLI_FLAGS, load_config
+    from hrem_ray.config import load_config
 
     sets = []
-    for key, flag in CLI_FLAGS.items():
-        value = getattr(a, flag.removeprefix("--").replace("-", "_"), None)
+    for key in CLI_FLAGS:
+        value = getattr(a, key.partition(".")[2], None)
         if value is not None:
             sets.append(f"{key}={value}")
     return load_config(getattr(a, "config", None), sets + list(getattr(a, "set", None) or []))
@@ -79,31 +86,13 @@ def cmd_import_checkpoint(a: argparse.Namespace) -> None:
     _log(f"wrote {import_authors_checkpoint(a.src, a.bert_path, a.out)}")
 
 
-def _load(checkpoint: str, device: str):
-    from hrem_ray.checkpoint import load_checkpoint
-    from hrem_ray.data.tokenize import CaptionTokenizer
-
-    ck = load_checkpoint(checkpoint, device=device)
-    tokenizer = CaptionTokenizer.from_dir(ck.backbone_dir, max_tokens=ck.config.data.max_tokens)
-    return ck, tokenizer
-
-
 def cmd_check_data(a: argparse.Namespace) -> None:
-    from hrem_ray.data.precomp import open_split, scan_finite
-    from hrem_ray.data.shards import is_sharded, open_sharded, verify_shards
+    from hrem_ray.data.source import open_source
 
     for split in a.split or ["train", "dev", "test"]:
-        if is_sharded(a.data_path, a.dataset, split):
-            data = open_sharded(a.data_path, a.dataset, split)
-            verify_shards(data, progress=_log)
-            shape = [data.n_images, data.regions, data.dim]
-            kind = f"{len(data.shards)} shards, features {shape} {data.dtype}"
-        else:
-            data = open_split(a.data_path, a.dataset, split)
-            scan_finite(data.features, data.ims_path, progress=_log)
-            kind = f"features {list(data.features.shape)} {data.features.dtype}"
-        _log(f"{a.dataset} {split}: {data.n_images} images, {data.n_captions} captions, "
-             f"{kind}: ok")  # fmt: skip
+        source = open_source(a.data_path, a.dataset, split)
+        source.check(progress=_log)
+        _log(f"{source.describe()}: ok")
 
 
 def cmd_shard(a: argparse.Namespace) -> None:
@@ -119,21 +108,18 @@ def cmd_shard(a: argparse.Namespace) -> None:
 
 
 def cmd_embed(a: argparse.Namespace) -> None:
+    from hrem_ray.checkpoint import load_checkpoint
     from hrem_ray.data.precomp import open_features, read_captions
     from hrem_ray.embed import embed_captions, embed_features
+    from hrem_ray.fileio import save_npy_atomic
 
-    ck, tokenizer = _load(a.checkpoint, a.device)
+    ck = load_checkpoint(a.checkpoint, device=a.device)
     kw = dict(batch_size=a.batch_size, device=a.device, progress=_log)
     if a.images:
         embs = embed_features(ck.model, open_features(a.images), **kw)
     else:
-        embs = embed_captions(ck.model, tokenizer, read_captions(a.captions), **kw)
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            np.save(f, embs)
-
-    write_atomic(a.out, write)
+        embs = embed_captions(ck.model, ck.tokenizer(), read_captions(a.captions), **kw)
+    save_npy_atomic(a.out, embs)
     _log(f"wrote {a.out}: {embs.shape[0]} x {embs.shape[1]} float32")
 
 
@@ -202,22 +188,17 @@ def cmd_train(a: argparse.Namespace) -> None:
         best = train_local(cfg, run, resume=a.resume, device=a.device)
     else:
         from hrem_ray.ray_runtime import init_ray
-        from hrem_ray.train.ray_train import RayRunOptions, train_ray
+        from hrem_ray.train.ray_train import train_ray
 
-        options = RayRunOptions(
-            storage_path=a.storage_path, name=a.name, num_workers=a.num_workers,
-            use_gpu=a.use_gpu, cpus_per_worker=a.cpus_per_worker,
-            max_failures=a.max_failures, resume=a.resume,
-        )  # fmt: skip
         init_ray(a.address, verbose=a.verbose)
-        best = train_ray(cfg, options, log=_log)
+        best = train_ray(cfg, from_args(a, RayRunOptions), log=_log)
     _log(f"best checkpoint: {best}")
 
 
 def cmd_tune(a: argparse.Namespace) -> None:
     from hrem_ray.ray_runtime import init_ray
     from hrem_ray.tune.space import load_space
-    from hrem_ray.tune.sweep import SweepOptions, check_ensemble_top, max_trials, run_sweep
+    from hrem_ray.tune.sweep import check_ensemble_top, max_trials, run_sweep
 
     for flag in ("num_samples", "max_concurrent_trials"):
         value = getattr(a, flag)
@@ -229,12 +210,7 @@ def cmd_tune(a: argparse.Namespace) -> None:
         space.num_samples = a.num_samples
     if a.ensemble_top is not None:
         check_ensemble_top(a.ensemble_top, max_trials(space))
-    options = SweepOptions(
-        storage_path=a.storage_path, name=a.name, num_workers=a.num_workers, use_gpu=a.use_gpu,
-        cpus_per_worker=a.cpus_per_worker, max_concurrent_trials=a.max_concurrent_trials,
-        resume=a.resume, verbose=a.verbose, allow_inactive=a.allow_inactive,
-        ensemble_top=a.ensemble_top or 0,
-    )  # fmt: skip
+    options = from_args(a, SweepOptions, run=from_args(a, RayRunOptions))
     init_ray(a.address, verbose=a.verbose)
     summary = run_sweep(cfg, space, options, log=_log)
     _log(f"best checkpoint: {summary['best']}")
@@ -245,13 +221,6 @@ def cmd_demo(a: argparse.Namespace) -> None:
 
     run_demo(DemoOptions(out=a.out, tiny=a.tiny, fresh=a.fresh, serve=not a.no_serve,
                          port=a.port, verbose=a.verbose), log=_log)  # fmt: skip
-
-
-def _add_config_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML config (see configs/)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, repeatable")
-    p.add_argument("--bert-path", help="backbone folder (default: offline MiniLM)")
-    p.add_argument("--seed", type=int)
 
 
 def _add_split_flags(p: argparse.ArgumentParser) -> None:
@@ -271,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("synth", help="write learnable synthetic data in the precomp format")
     p.add_argument("--out", required=True)
-    p.add_argument("--dataset", choices=["f30k", "coco"], default="f30k")
+    p.add_argument("--dataset", choices=DATASETS, default=DATASETS[0])
     p.add_argument("--train-images", type=int, default=1000)
     p.add_argument("--dev-images", type=int, default=100)
     p.add_argument("--test-images", type=int, default=100)
@@ -295,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("init-checkpoint", help="a freshly initialised model as a checkpoint")
     p.add_argument("--out", required=True)
     p.add_argument("--random-bert", action="store_true", help="do not load backbone weights")
-    _add_config_flags(p)
+    add_config_flags(p)
     p.set_defaults(func=cmd_init_checkpoint)
 
     p = sub.add_parser("import-checkpoint", help="convert the authors' model_best.pth")
@@ -322,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="data root (folder or URI) for OUT/<dataset>_precomp/<split>/")  # fmt: skip
     p.add_argument("--rows-per-shard", type=int,
                    help="images per shard (default 256, 75 MB of float32 36x2048)")  # fmt: skip
-    p.add_argument("--dtype", choices=["float32", "float16"], default="float32",
+    p.add_argument("--dtype", choices=FEATURE_DTYPES, default=FEATURE_DTYPES[0],
                    help="stored feature type; float16 halves storage (docs/data.md)")  # fmt: skip
     p.set_defaults(func=cmd_shard)
 
@@ -355,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     _add_split_flags(p)
     p.add_argument("--out", required=True, help="gallery folder")
-    p.add_argument("--dtype", choices=["float32", "float16"], default="float32")
+    p.add_argument("--dtype", choices=FEATURE_DTYPES, default=FEATURE_DTYPES[0])
     _add_encode_flags(p)
     p.add_argument(
         "--ivf", type=int, default=0, metavar="NLIST",
@@ -383,50 +352,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("train", help="train HREM on Ray Train (or --local: one process)")
-    p.add_argument("--data-path")
-    p.add_argument("--dataset")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int, help="global batch, split across workers")
-    p.add_argument("--storage-path", default="runs", help="local folder, NFS or s3://...")
-    p.add_argument("--name", default="hrem")
-    p.add_argument("--resume", action="store_true", help="continue the run named --name")
-    p.add_argument("--num-workers", type=int, default=2)
-    p.add_argument("--use-gpu", action="store_true", help="one GPU per worker, NCCL")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0)
-    p.add_argument("--max-failures", type=int, default=2, help="worker-group restarts")
+    add_flags(p, RayRunOptions())
     p.add_argument("--address", help=ADDRESS_HELP)
     p.add_argument("--local", action="store_true", help="single process, no Ray")
     p.add_argument("--device", default="cpu", help="with --local: cpu or cuda")
     p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
-    _add_config_flags(p)
+    add_config_flags(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("tune", help="Ray Tune sweep; every trial is a Ray Train run")
     p.add_argument("--space", default="tune_spaces/default.yaml", help="search space YAML")
     p.add_argument("--num-samples", type=int, help="override the space's num_samples")
-    p.add_argument("--data-path")
-    p.add_argument("--dataset")
-    p.add_argument("--epochs", type=int, help="epochs per trial (ASHA's max_t)")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--storage-path", default="runs")
-    p.add_argument("--name", default="sweep")
-    p.add_argument("--resume", action="store_true", help="continue the sweep named --name")
-    p.add_argument(
-        "--allow-inactive", action="store_true",
-        help="run even if searched relation knobs act only after ASHA's first cut (docs/sweeps.md)",
-    )  # fmt: skip
-    p.add_argument("--num-workers", type=int, default=1, help="Ray Train workers per trial")
-    p.add_argument("--use-gpu", action="store_true")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0)
-    p.add_argument("--max-concurrent-trials", type=int)
-    p.add_argument(
-        "--ensemble-top", type=int, metavar="K",
-        help="also evaluate the ensemble of the K best trials on dev and export it to "
-        "<storage-path>/<name>/ensemble (K >= 2)",
-    )  # fmt: skip
+    add_flags(p, SweepOptions().run, skip=SWEEP_RUN_SKIPS)
+    add_flags(p, SweepOptions())
     p.add_argument("--address", help=ADDRESS_HELP)
     p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
-    _add_config_flags(p)
+    add_config_flags(p)
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser(

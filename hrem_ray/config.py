@@ -17,15 +17,7 @@ from typing import Any
 
 import yaml
 
-# Config keys with a flag of their own on the training commands (the rest go through --set).
-CLI_FLAGS = {
-    "data.data_path": "--data-path",
-    "data.dataset": "--dataset",
-    "model.bert_path": "--bert-path",
-    "train.epochs": "--epochs",
-    "train.batch_size": "--batch-size",
-    "train.seed": "--seed",
-}
+from hrem_ray.options import CLI_FLAGS, cli_flag
 
 
 class ConfigError(ValueError):
@@ -121,13 +113,19 @@ class DataConfig:
     max_tokens: int = 128  # cap on [CLS] + word pieces + [SEP]; the reference has none
     region_keep: float = 0.8  # training-time region dropout keeps each region with this p
     word_aug: float = 0.2  # training-time probability that a word is masked/replaced/deleted
-    shuffle_buffer: int = 2048  # pairs a worker shuffles in, reading a sharded split
+    # Bytes of shards in object storage a node keeps on disk ("auto": the cache disk's free
+    # space less 2 GB); below the split, the epoch is shuffled in windows (docs/data.md).
+    cache_limit: str = "auto"
 
     def validate(self) -> None:
         _check(self.max_tokens >= 3, "data.max_tokens", "must be >= 3")
         _check(0.0 < self.region_keep <= 1.0, "data.region_keep", "must be in (0, 1]")
         _check(0.0 <= self.word_aug <= 1.0, "data.word_aug", "must be in [0, 1]")
-        _check(self.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
+        try:
+            limit = parse_size(self.cache_limit)
+        except ValueError as e:
+            raise ConfigError(f"data.cache_limit: {e}") from None
+        _check(limit is None or limit > 0, "data.cache_limit", "must be > 0 or auto")
 
 
 @dataclass
@@ -150,6 +148,13 @@ class TrainConfig:
     # Flush subnormal floats to zero on CPU: without it CPU steps of this model ran 2x slower
     # after the first epoch (bench/train_throughput.py); the effect on the loss is below 1e-38.
     flush_denormal: bool = True
+    # GPU speed keys (docs/training.md); the ones that change numbers beyond float rounding
+    # (tf32) or trade time for memory (compile, grad_checkpoint) are off by default.
+    pin_memory: bool = True  # pinned host buffers and non-blocking host-to-device copies
+    fused_adamw: bool = False  # torch's fused AdamW kernel (CPU and CUDA): last-bit changes
+    compile: bool = False  # torch.compile of both towers (exact to float tolerance)
+    grad_checkpoint: bool = False  # activation checkpointing of BERT and the fusion layers
+    tf32: bool = False  # TF32 matmuls and convolutions on CUDA: ~1e-3 relative error
 
     def validate(self) -> None:
         _check(self.epochs >= 1, "train.epochs", "must be >= 1")
@@ -208,6 +213,8 @@ class HREMConfig:
             for target in _ALIASES[dotted]:
                 self.set(target, value)
             return
+        if dotted in _RETIRED:  # in the configs of older checkpoints; no longer has an effect
+            return
         section_name, _, key = dotted.partition(".")
         section = getattr(self, section_name, None)
         if not dataclasses.is_dataclass(section) or not key:
@@ -238,8 +245,8 @@ class HREMConfig:
                 if value == default[section][key]:
                     continue
                 text = value if isinstance(value, str) else json.dumps(value)
-                flag = CLI_FLAGS.get(dotted)
-                argv += [flag, text] if flag else ["--set", f"{dotted}={text}"]
+                flagged = dotted in CLI_FLAGS
+                argv += [cli_flag(dotted), text] if flagged else ["--set", f"{dotted}={text}"]
         return argv
 
     def override(self, pairs: list[str]) -> HREMConfig:
@@ -277,10 +284,28 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 # Old names that set newer keys (checkpoints and YAML written before the split).
 _ALIASES = {"model.loss": ("model.base_loss", "model.relation_loss")}
+_RETIRED = {"data.shuffle_buffer"}  # the shuffle buffer of the streamed shards (docs/data.md)
 # Type templates of the nullable keys, for checking a non-null value.
 _PROTOTYPES = {"float | None": 0.0}
 
 _FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}  # fmt: skip
+_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(text: str | int) -> int | None:
+    """Bytes of a size such as ``"40GB"``, ``"512MiB"`` or ``"1000000"``; None for ``"auto"``."""
+    if isinstance(text, int):
+        return text
+    if str(text).strip().lower() == "auto":
+        return None
+    m = _SIZE_RE.match(str(text))
+    if not m or m.group(2).lower() not in _SIZE_UNITS:
+        raise ValueError(f"{text!r} is not a size (e.g. 40GB, 512MiB, auto)")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
 
 
 def _coerce(key: str, default: Any, value: Any) -> Any:

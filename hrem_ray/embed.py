@@ -2,26 +2,36 @@
 
 Evaluation, the gallery index, ``hrem-ray embed`` and the Serve replicas all encode through
 these functions, so every consumer produces exactly the embeddings evaluation measured. The
-batches come from ``data/batches.py``; ``eval/encode.py`` places them by id.
+batches come from ``data/batches.py``; ``encode`` places them by id. Evaluation imports this
+module, never the other way round.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import torch
+from torch import Tensor
 
+from hrem_ray.checkpoint import Checkpoint, load_checkpoint
 from hrem_ray.data.batches import caption_batches, image_batches
 from hrem_ray.data.precomp import PrecompSplit
 from hrem_ray.data.tokenize import CaptionTokenizer
-from hrem_ray.eval.encode import check_batch_size, encode
 from hrem_ray.model import HREM
+from hrem_ray.progress import Progress
 
 ProgressFn = Callable[[str], None] | None
+
+
+def check_batch_size(batch_size: int) -> None:
+    """A positive integer: checked before minutes of loading, not found as a range() error."""
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch size must be a positive integer, got {batch_size!r}")
 
 
 def check_features(feats: np.ndarray, img_dim: int, name: str = "features") -> None:
@@ -99,6 +109,26 @@ def embed_split(
     return imgs, caps
 
 
+def embed_split_each(
+    checkpoints: Sequence[str | Path],
+    split: PrecompSplit,
+    *,
+    batch_size: int = 128,
+    device: torch.device | str = "cpu",
+    progress: ProgressFn = None,
+) -> Iterator[tuple[Checkpoint, np.ndarray, np.ndarray]]:
+    """``embed_split`` of ``split`` by each checkpoint of an ensemble, in order: yields the
+    loaded checkpoint and its image and caption embeddings. One model is loaded at a time
+    (the next once the caller asks for it), so an ensemble costs one model's memory."""
+    check_batch_size(batch_size)
+    for path in checkpoints:
+        ck = load_checkpoint(path, device=device)
+        imgs, caps = embed_split(ck.model, split, ck.tokenizer(), batch_size=batch_size,
+                                 device=device, progress=progress)  # fmt: skip
+        yield ck, imgs, caps
+        del ck
+
+
 def ensemble_embedding(parts: Sequence[np.ndarray]) -> np.ndarray:
     """The embeddings of an ensemble of m models from each model's own: the L2-normalised
     ``[..., D_i]`` embeddings the functions above return, each scaled by 1/sqrt(m) and
@@ -140,6 +170,53 @@ def _encode_captions(model, tokenizer, captions, batch_size, device, progress, d
     with _eval_mode(model):
         return encode(model.embed_texts, caption_batches(captions, tokenizer, batch_size),
                       len(captions), device=device, progress=progress, desc=desc)  # fmt: skip
+
+
+def encode(
+    embed_fn: Callable[[Tensor, Tensor], Tensor],
+    batches: Iterable[tuple[np.ndarray, Tensor, Tensor]],
+    n: int,
+    *,
+    device: torch.device | str = "cpu",
+    progress: ProgressFn = None,
+    desc: str = "encode",
+) -> np.ndarray:
+    """Embed every ``(ids, x, lengths)`` batch into row ``ids`` of a float32 ``[n, D]`` array.
+
+    Rows are placed by id, so the result is in id order whatever order (or sharding) the
+    batches came in; every id in ``[0, n)`` must be seen exactly once, since a gap or duplicate
+    would silently shift the ground truth the metrics rely on.
+    """
+    if n <= 0:
+        raise ValueError(f"n must be positive, got {n}")
+    out: np.ndarray | None = None
+    seen = np.zeros(n, dtype=np.int64)
+    bar = Progress(desc, n, progress)
+    with torch.inference_mode():
+        for ids, x, lengths in batches:
+            ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+            emb = embed_fn(x.to(device), lengths.to(device)).float().cpu().numpy()
+            if emb.ndim != 2 or emb.shape[0] != ids.size:
+                raise ValueError(f"{desc}: {ids.size} ids but embeddings of shape {emb.shape}")
+            if ids.size and (ids.min() < 0 or ids.max() >= n):
+                raise ValueError(f"{desc}: ids must lie in [0, {n}), got {ids.min()}..{ids.max()}")
+            if out is None:
+                out = np.empty((n, emb.shape[1]), dtype=np.float32)
+            out[ids] = emb
+            np.add.at(seen, ids, 1)
+            bar.update(ids.size)
+    _check_coverage(seen, desc)
+    return out
+
+
+def _check_coverage(seen: np.ndarray, desc: str) -> None:
+    """Fail loudly unless every id was written exactly once."""
+    missing, duplicated = np.flatnonzero(seen == 0), np.flatnonzero(seen > 1)
+    if missing.size or duplicated.size:
+        raise ValueError(
+            f"{desc}: {missing.size} ids never encoded (first: {missing[:5].tolist()}), "
+            f"{duplicated.size} encoded more than once (first: {duplicated[:5].tolist()})"
+        )
 
 
 @contextmanager

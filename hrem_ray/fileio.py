@@ -5,23 +5,48 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+
+import numpy as np
 
 
 def write_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp)`` on a temporary sibling of ``path``, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    return write_files_atomic([path], lambda tmps: write(tmps[0]))[0]
+
+
+def write_files_atomic(
+    paths: Sequence[str | Path], write: Callable[[list[Path]], None]
+) -> list[Path]:
+    """Call ``write(tmps)`` on temporary siblings of ``paths``, then rename each into place:
+    none is touched unless all were written (a precomp split's features and captions)."""
+    paths = [Path(p) for p in paths]
+    tmps = []
     try:
-        write(Path(tmp))
-        os.replace(tmp, path)
+        for path in paths:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            os.close(fd)
+            tmps.append(Path(tmp))
+        write(tmps)
+        for tmp, path in zip(tmps, paths, strict=True):
+            os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
         raise
-    return path
+    return paths
+
+
+def save_npy_atomic(path: str | Path, array: np.ndarray) -> Path:
+    """``np.save`` to exactly ``path``, atomically (a reader never sees half a file)."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.save would add ".npy" to a name
+            np.save(f, array)
+
+    return write_atomic(path, write)
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:

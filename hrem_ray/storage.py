@@ -11,6 +11,13 @@ and SHA-256. ``fetch_dir`` copies a remote folder once per node into a local cac
 that content, downloading into a temporary folder that is renamed into place only when every
 file has been checked; readers then memory-map the local copy as they do any local folder.
 
+Object stores also fail for a moment: they reset connections, stall and answer 503 SlowDown.
+Every operation here retries such transient errors with exponential backoff and jitter, for up
+to ``HREM_STORAGE_RETRY_S`` (120 s) an operation, printing one line per retry to stderr. An
+endpoint that is down, a missing bucket or bad credentials still fail in seconds before work
+starts: a connection that cannot be made is retried only once an operation on that endpoint
+has succeeded in this process, and the other two are never retried (docs/storage.md).
+
 This is the only module that tells a URI from a local path.
 """
 
@@ -21,11 +28,16 @@ import fcntl
 import hashlib
 import json
 import os
+import random
+import re
 import shutil
+import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import pyarrow.fs as pafs
 
@@ -35,13 +47,40 @@ MARKER = ".hrem-complete.json"
 CACHE_ENV = "HREM_CACHE"
 CHUNK = 8 << 20
 # Fail in seconds, not minutes, when an endpoint is down (the SDK default retries for long).
+# The SDK retries a request once, after 25-50 ms (the "standard" strategy waited about 0.5 s);
+# retries with backoff are ``_retrying``'s, above it.
 S3_OPTIONS = dict(
     connect_timeout=5.0,
     request_timeout=60.0,
-    retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=2),
+    retry_strategy=pafs.AwsDefaultS3RetryStrategy(max_attempts=2),
 )
 _DENIED = ("ACCESS_DENIED", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH", "EXPIRED_TOKEN")
 CREDENTIALS_HELP = "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN"
+RETRY_ENV = "HREM_STORAGE_RETRY_S"
+RETRY_S = 120.0  # default seconds one operation keeps retrying (HREM_STORAGE_RETRY_S)
+_PAUSE_FIRST, _PAUSE_MAX = 0.5, 10.0
+# pyarrow's texts (AWS error names, HTTP statuses, curl codes), as provoked through
+# hrem_ray.testing.s3proxy: the connection could not be made at all ...
+_UNREACHABLE = re.compile(
+    r"curlCode: [567],|Failed to connect|Could not resolve|Connection timed out after"
+)
+# ... or the server answered "later" ...
+_BUSY_REASONS = {
+    "SLOW_DOWN": "HTTP 503 (slow down)",
+    "SERVICE_UNAVAILABLE": "HTTP 503",
+    "INTERNAL_FAILURE": "HTTP 500",
+    "THROTTLING": "throttled",
+    "REQUEST_LIMIT_EXCEEDED": "throttled",
+    "REQUEST_TIMEOUT": "timed out",
+}
+_BUSY = re.compile(rf"HTTP status (429|500|502|503|504)\b|{'|'.join(_BUSY_REASONS)}")
+# ... or the connection broke or stalled once made.
+_BROKEN = re.compile(
+    r"NETWORK_CONNECTION|Connection reset|Broken pipe|timed out|Timeout was reached", re.I
+)
+_healthy: set[str] = set()  # endpoints an operation has succeeded on in this process
+
+T = TypeVar("T")
 
 FileList = dict[str, dict[str, object]]  # relative path -> {"size": int, "sha256": str}
 
@@ -80,31 +119,123 @@ def filesystem(path: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     except (ValueError, OSError) as e:
         raise StorageError(f"{path}: {_one_line(e)}") from None
     if isinstance(fs, pafs.S3FileSystem):
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        fs = pafs.S3FileSystem(region=fs.region, endpoint_override=endpoint, **S3_OPTIONS)
+        fs = pafs.S3FileSystem(region=fs.region, endpoint_override=_s3_endpoint(), **S3_OPTIONS)
     return fs, inner.rstrip("/")
 
 
-@contextlib.contextmanager
-def errors(uri: str | os.PathLike, what: str = "file") -> Iterator[None]:
-    """Turn pyarrow's errors about ``uri`` into one-line ``StorageError``s that name it."""
+RAY_SDK_ATTEMPTS = 10  # Ray's own persistence: the SDK's retries, with its backoff
+
+
+def ray_storage(path: str | os.PathLike) -> tuple[str, pafs.FileSystem | None]:
+    """``storage_path`` and ``storage_filesystem`` for Ray Train's and Tune's ``RunConfig``.
+
+    Ray uploads checkpoints and results itself, not through this module, so a URI gets a
+    filesystem whose SDK retries transient errors (``RAY_SDK_ATTEMPTS``) and knows the
+    endpoint; Ray then names its files by their path inside it (``bucket/...``).
+    """
+    if not is_remote(path):
+        return absolute(path), None
+    fs, inner = filesystem(path)
+    if not isinstance(fs, pafs.S3FileSystem):
+        return str(path), None
+    options = S3_OPTIONS | {
+        "retry_strategy": pafs.AwsDefaultS3RetryStrategy(max_attempts=RAY_SDK_ATTEMPTS)
+    }
+    return inner, pafs.S3FileSystem(region=fs.region, endpoint_override=_s3_endpoint(), **options)
+
+
+def _s3_endpoint() -> str | None:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+def _endpoint(uri: str | os.PathLike) -> str:
+    """What ``uri``'s requests go to: the key of ``_healthy``."""
+    scheme = str(uri).split("://", 1)[0]
+    return f"s3 {_s3_endpoint()}" if scheme == "s3" else scheme
+
+
+def retry_bound() -> float:
+    """Seconds an operation keeps retrying transient errors: ``$HREM_STORAGE_RETRY_S``."""
+    raw = os.environ.get(RETRY_ENV) or str(RETRY_S)
     try:
-        yield
-    except StorageError:
-        raise
-    except FileNotFoundError:
-        raise StorageError(f"no {what} at {uri}") from None
-    except OSError as e:
-        msg = str(e)
-        if "NETWORK_CONNECTION" in msg:
-            endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-            where = f" at {endpoint}" if endpoint else ""
-            raise StorageError(f"{uri}: cannot reach the object store{where}") from None
-        if "NO_SUCH_BUCKET" in msg:
-            raise StorageError(f"{uri}: no such bucket") from None
-        if any(code in msg for code in _DENIED):
-            raise StorageError(f"{uri}: access denied ({CREDENTIALS_HELP})") from None
-        raise StorageError(f"{uri}: {_one_line(e)}") from None
+        return max(0.0, float(raw))
+    except ValueError:
+        raise StorageError(f"{RETRY_ENV}={raw!r}: not a number of seconds") from None
+
+
+def _transient(e: OSError, uri: str | os.PathLike) -> str | None:
+    """A few words on why ``e`` (raised by an operation on ``uri``) is worth retrying, or
+    None when it is not: local errors, no such key/bucket, access denied, and a connection
+    that cannot be made to an endpoint that has not worked in this process (it is down)."""
+    if not is_remote(uri) or isinstance(e, FileNotFoundError):
+        return None
+    msg = str(e)
+    if busy := _BUSY.search(msg):
+        return f"HTTP {busy[1]}" if busy[1] else _BUSY_REASONS[busy[0]]
+    if _UNREACHABLE.search(msg):
+        return "cannot connect" if _endpoint(uri) in _healthy else None
+    if _BROKEN.search(msg):
+        if re.search(r"reset|broken pipe", msg, re.I):
+            return "connection reset"
+        if re.search(r"curlCode: 28,|timed out|timeout", msg, re.I):
+            return "timed out"
+        curl = re.search(r"curlCode: (\d+)", msg)
+        return f"connection lost (curl {curl[1]})" if curl else "connection lost"
+    return None
+
+
+def _retrying(
+    uri: str | os.PathLike, op: Callable[[], T], what: str = "file", *, target: str = ""
+) -> T:
+    """``op()``, an operation on ``uri``, retried on transient errors (``_transient``) with
+    exponential backoff and jitter for up to ``retry_bound()`` seconds, one stderr line per
+    retry naming ``target`` (default ``uri``); any other error, or the last one, becomes a
+    one-line ``StorageError`` naming ``uri`` (``what`` names the thing: "no folder at ...")."""
+    bound, start, attempt = retry_bound(), time.monotonic(), 1
+    while True:
+        try:
+            result = op()
+        except StorageError:
+            raise
+        except OSError as e:
+            reason = _transient(e, uri)
+            if reason is None:
+                raise _storage_error(e, uri, what) from None
+            spent = time.monotonic() - start
+            if spent >= bound:
+                raise StorageError(
+                    f"{uri}: {reason}, still failing after {attempt} attempts in {spent:.0f} s "
+                    f"({RETRY_ENV}={bound:g})"
+                ) from None
+            pause = random.uniform(0.5, 1.0) * min(_PAUSE_MAX, _PAUSE_FIRST * 2 ** (attempt - 1))
+            pause = min(pause, bound - spent)  # the last attempt comes at the bound
+            attempt += 1
+            print(
+                f"storage: {target or uri}: {reason}, retrying (attempt {attempt}, {pause:.1f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
+            time.sleep(pause)
+        else:
+            if is_remote(uri):
+                _healthy.add(_endpoint(uri))
+            return result
+
+
+def _storage_error(e: OSError, uri: str | os.PathLike, what: str) -> StorageError:
+    """pyarrow's error about ``uri`` as a one-line ``StorageError`` that names it."""
+    if isinstance(e, FileNotFoundError):
+        return StorageError(f"no {what} at {uri}")
+    msg = str(e)
+    if "NETWORK_CONNECTION" in msg:
+        endpoint = _s3_endpoint()
+        where = f" at {endpoint}" if endpoint else ""
+        return StorageError(f"{uri}: cannot reach the object store{where}")
+    if "NO_SUCH_BUCKET" in msg:
+        return StorageError(f"{uri}: no such bucket")
+    if any(code in msg for code in _DENIED):
+        return StorageError(f"{uri}: access denied ({CREDENTIALS_HELP})")
+    return StorageError(f"{uri}: {_one_line(e)}")
 
 
 def check_access(path: str | os.PathLike) -> None:
@@ -115,15 +246,13 @@ def check_access(path: str | os.PathLike) -> None:
     fs, inner = filesystem(path)
     if isinstance(fs, pafs.S3FileSystem):
         bucket = inner.split("/", 1)[0]
-        with errors(path):
-            if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
-                raise StorageError(f"{path}: no such bucket")
+        if _retrying(path, partial(fs.get_file_info, bucket)).type == pafs.FileType.NotFound:
+            raise StorageError(f"{path}: no such bucket")
 
 
 def _info(path: str | os.PathLike) -> pafs.FileInfo:
     fs, inner = filesystem(path)
-    with errors(path):
-        return fs.get_file_info(inner)
+    return _retrying(path, partial(fs.get_file_info, inner))
 
 
 def exists(path: str | os.PathLike) -> bool:
@@ -138,8 +267,8 @@ def is_dir(path: str | os.PathLike) -> bool:
 def list_dir(path: str | os.PathLike) -> list[str]:
     """Names of the entries directly in folder ``path``, sorted; [] when there is none."""
     fs, inner = filesystem(path)
-    with errors(path, "folder"):
-        infos = fs.get_file_info(pafs.FileSelector(inner, allow_not_found=True))
+    selector = pafs.FileSelector(inner, allow_not_found=True)
+    infos = _retrying(path, partial(fs.get_file_info, selector), "folder")
     return sorted(info.base_name for info in infos)
 
 
@@ -147,8 +276,12 @@ def read_bytes(path: str | os.PathLike) -> bytes:
     """The whole file. A random-access file reads it in one request of known size; pyarrow's
     input stream took 23 s for 75 MB from moto, against 0.2 s this way."""
     fs, inner = filesystem(path)
-    with errors(path), fs.open_input_file(inner) as f:
-        return f.read()
+    return _retrying(path, partial(_read, fs, inner, None))
+
+
+def _read(fs: pafs.FileSystem, inner: str, n: int | None) -> bytes:
+    with fs.open_input_file(inner) as f:
+        return f.read(n)
 
 
 def read_text(path: str | os.PathLike) -> str:
@@ -165,16 +298,19 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> str:
     if not is_remote(path):
         return str(write_atomic(path, lambda tmp: tmp.write_bytes(data)))
     fs, inner = filesystem(path)
-    with errors(path), fs.open_output_stream(inner) as f:
-        f.write(data)
+    _retrying(path, partial(_write, fs, inner, data))
     return str(path)
+
+
+def _write(fs: pafs.FileSystem, inner: str, data: bytes) -> None:
+    with fs.open_output_stream(inner) as f:
+        f.write(data)
 
 
 def read_head(path: str | os.PathLike, n: int) -> bytes:
     """The first ``n`` bytes of a file (fewer if it is shorter): one ranged read."""
     fs, inner = filesystem(path)
-    with errors(path), fs.open_input_file(inner) as f:
-        return f.read(n)
+    return _retrying(path, partial(_read, fs, inner, n))
 
 
 def file_size(path: str | os.PathLike) -> int | None:
@@ -212,16 +348,25 @@ def copy_dir(src: str | os.PathLike, dst: str | os.PathLike) -> Path | str:
         return write_dir_atomic(dst, partial(shutil.copytree, local, dirs_exist_ok=True))
     files = _local_files(local)
     fs, root = filesystem(dst)
-    with errors(dst, "folder"):
-        if fs.get_file_info(f"{root}/{MARKER}").type != pafs.FileType.NotFound:
-            fs.delete_file(f"{root}/{MARKER}")
-        for rel in files:
-            with open(local / rel, "rb") as s, fs.open_output_stream(f"{root}/{rel}") as d:
-                shutil.copyfileobj(s, d, CHUNK)
-        with fs.open_output_stream(f"{root}/{MARKER}") as d:
-            d.write(json.dumps({"files": files}, indent=1, sort_keys=True).encode())
-        _delete_others(fs, root, {*files, MARKER})
+    marker = f"{root}/{MARKER}"
+    _retrying(dst, partial(_delete_if_there, fs, marker), "folder", target=join(dst, MARKER))
+    for rel in files:
+        upload = partial(_upload, fs, local / rel, f"{root}/{rel}")
+        _retrying(dst, upload, "folder", target=join(dst, rel))
+    listing = json.dumps({"files": files}, indent=1, sort_keys=True).encode()
+    _retrying(dst, partial(_write, fs, marker, listing), "folder", target=join(dst, MARKER))
+    _retrying(dst, partial(_delete_others, fs, root, {*files, MARKER}), "folder")
     return str(dst)
+
+
+def _delete_if_there(fs: pafs.FileSystem, inner: str) -> None:
+    if fs.get_file_info(inner).type != pafs.FileType.NotFound:
+        fs.delete_file(inner)
+
+
+def _upload(fs: pafs.FileSystem, src: Path, inner: str) -> None:
+    with open(src, "rb") as s, fs.open_output_stream(inner) as d:
+        shutil.copyfileobj(s, d, CHUNK)
 
 
 def _delete_others(fs: pafs.FileSystem, root: str, keep: set[str]) -> None:
@@ -252,9 +397,7 @@ def put_files(src: str | os.PathLike, dst: str | os.PathLike) -> str:
             write_atomic(Path(dst, rel), partial(shutil.copyfile, file))
             continue
         fs, root = filesystem(dst)
-        target = f"{root}/{rel}"
-        with errors(dst, "folder"), open(file, "rb") as s, fs.open_output_stream(target) as d:
-            shutil.copyfileobj(s, d, CHUNK)
+        _retrying(dst, partial(_upload, fs, file, f"{root}/{rel}"), "folder", target=join(dst, rel))
     return str(dst)
 
 
@@ -273,36 +416,49 @@ def fetch_dir(path: str | os.PathLike, what: str = "folder") -> Path:
     sizes and modification times, and sizes are checked. Downloads go to a temporary folder
     renamed into place when complete, under a per-entry file lock, so concurrent fetches on
     one node download once; an entry whose files are missing or of the wrong size is fetched
-    again. ``what`` names the thing in errors ("no checkpoint at s3://...").
+    again. A file whose size or SHA-256 is wrong as downloaded is downloaded once more (a torn
+    read) before the folder is called corrupt. ``what`` names the thing in errors ("no
+    checkpoint at s3://...").
     """
     if not is_remote(path):
         return Path(path)
     fs, root = filesystem(path)
     if isinstance(fs, pafs.LocalFileSystem):  # file://
         return Path(root)
-    with errors(path, what):
-        files, key = _remote_manifest(fs, root, str(path), what)
-        entry = cache_root() / key
-        if _intact(entry, files):
+    files, key = _retrying(path, partial(_remote_manifest, fs, root, str(path), what), what)
+    entry = cache_root() / key
+    if _intact(entry, files):
+        return entry
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    with lock_file(entry.with_name(f".{key}.lock")):
+        if _intact(entry, files):  # another process fetched it while we waited
             return entry
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        with _locked(entry.with_name(f".{key}.lock")):
-            if _intact(entry, files):  # another process fetched it while we waited
-                return entry
-            shutil.rmtree(entry, ignore_errors=True)  # damaged
-            tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=entry.parent))
-            try:
-                for rel, want in files.items():
-                    got = _download(fs, f"{root}/{rel}", tmp / rel)
-                    if {k: got[k] for k in want} != want:
-                        raise StorageError(
-                            f"{what} at {path} changed during download ({rel}): try again"
-                        )
-                os.rename(tmp, entry)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
+        shutil.rmtree(entry, ignore_errors=True)  # damaged
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=entry.parent))
+        try:
+            for rel, want in files.items():
+                _fetch_file(fs, root, rel, tmp, want, str(path), what)
+            os.rename(tmp, entry)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return entry
+
+
+def _fetch_file(
+    fs: pafs.FileSystem, root: str, rel: str, tmp: Path, want: dict, path: str, what: str
+) -> None:
+    """Download file ``rel`` of remote folder ``path`` into ``tmp`` and check it against its
+    marker entry ``want``; once more on a mismatch, which a read torn by the network gives as
+    well as a file that is corrupt on the server."""
+    uri = join(path, rel)
+    for attempt in (1, 2):
+        got = _retrying(path, partial(_download, fs, f"{root}/{rel}", tmp / rel), what, target=uri)
+        if {k: got[k] for k in want} == want:
+            return
+        if attempt == 1:
+            print(f"storage: {uri}: differs from its marker, fetching it again", file=sys.stderr)
+    raise StorageError(f"{what} at {path} is corrupt or changed during download ({rel})")
 
 
 def _remote_manifest(fs: pafs.FileSystem, root: str, uri: str, what: str) -> tuple[FileList, str]:
@@ -343,6 +499,24 @@ def _local_files(folder: Path) -> FileList:
     return files
 
 
+def download(path: str | os.PathLike, dst: Path) -> dict[str, object]:
+    """Copy the file ``path`` (local or a URI) to local ``dst``, hashing it on the way;
+    returns its size and SHA-256 as read. ``dst`` is overwritten: callers that need it
+    complete-or-absent download to a temporary name and rename (``data/cache.py``)."""
+    fs, inner = filesystem(path)
+    return _retrying(path, partial(_download, fs, inner, dst))
+
+
+def digest(path: str | os.PathLike) -> dict[str, object]:
+    """Size and SHA-256 of local file ``path``, read in chunks."""
+    h, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+            size += len(chunk)
+    return {"size": size, "sha256": h.hexdigest()}
+
+
 def _download(fs: pafs.FileSystem, src: str, dst: Path) -> dict[str, object]:
     """Copy one object to ``dst``; returns its size and SHA-256 as read."""
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -364,7 +538,7 @@ def _intact(entry: Path, files: FileList) -> bool:
 
 
 @contextlib.contextmanager
-def _locked(lock: Path) -> Iterator[None]:
+def lock_file(lock: Path) -> Iterator[None]:
     """An exclusive lock between processes (and threads) of one node; released on exit,
     including when the holder dies."""
     with open(lock, "a") as f:
@@ -376,11 +550,7 @@ def _locked(lock: Path) -> Iterator[None]:
 
 
 def _sha256(file: Path) -> str:
-    digest = hashlib.sha256()
-    with open(file, "rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return str(digest(file)["sha256"])
 
 
 def _one_line(e: BaseException) -> str:

@@ -39,7 +39,7 @@ import boto3
 import psutil
 
 from hrem_ray.ray_runtime import ENV_DEFAULTS, free_port
-from tests.helpers import alive, start_moto, stop_group
+from hrem_ray.testing import alive, start_moto, stop_group
 
 BIN = Path(sys.executable).parent
 BUCKET = "hrem"

@@ -1,5 +1,6 @@
-"""Shared fixtures: the environment, a tiny random BERT and a small model config. Plain
-helpers live in ``tests/helpers.py``."""
+"""Shared fixtures: the environment, a tiny random BERT, a small model config and an S3 server.
+The tiny world they share with the benchmarks is ``hrem_ray.testing``; pytest helpers are in
+``tests/helpers.py``."""
 
 from __future__ import annotations
 
@@ -12,8 +13,7 @@ import torch  # noqa: E402
 
 from hrem_ray.backbone import write_tiny_bert  # noqa: E402
 from hrem_ray.config import ModelConfig  # noqa: E402
-from hrem_ray.ray_runtime import free_port  # noqa: E402
-from tests.helpers import start_moto, stop_group  # noqa: E402
+from hrem_ray.testing import free_port, start_moto, stop_group  # noqa: E402
 
 torch.set_num_threads(1)
 

@@ -11,15 +11,14 @@ import torch
 from hrem_ray.data.batches import (
     Batch,
     caption_batches,
-    epoch_order,
     image_batches,
     make_batch,
     pad_regions,
     pad_tokens,
     region_dropout,
-    train_batches,
 )
 from hrem_ray.data.precomp import PrecompSplit, open_split, split_paths
+from hrem_ray.data.source import encoded, open_source
 from hrem_ray.data.tokenize import CaptionTokenizer
 
 N_IMAGES, REGIONS, DIM = 7, 36, 4
@@ -127,28 +126,22 @@ def test_eval_batch_is_raw_and_deterministic(
         assert a.tokens[i, : a.token_lengths[i]].tolist() == tok.encode(split.captions[c])
 
 
-def test_train_batches_epochs(split: PrecompSplit, tok: CaptionTokenizer) -> None:
+def test_training_epochs_of_a_precomp_split(split: PrecompSplit, tok: CaptionTokenizer) -> None:
+    source = open_source(split.ims_path.parent.parent, "toy", "train")
+    tokens = encoded(source.captions, tok)
+
     def epoch(e: int) -> list[Batch]:
-        return list(train_batches(split, tok, 4, seed=5, epoch=e))
+        return list(source.batches(tokens, tok, 4, seed=5, epoch=e))
 
     first = epoch(0)
     assert len(first) == (5 * N_IMAGES) // 4 and all(len(b) == 4 for b in first)
     seen = torch.cat([b.caption_ids for b in first]).tolist()
     assert len(seen) == len(set(seen))
+    assert seen == np.random.default_rng([5, 0]).permutation(5 * N_IMAGES)[: len(seen)].tolist()
     again = epoch(0)
     for x, y in zip(first, again, strict=True):
         assert all(torch.equal(getattr(x, k), getattr(y, k)) for k in vars(x))
     assert torch.cat([b.caption_ids for b in epoch(1)]).tolist() != seen
-    full = list(train_batches(split, tok, 4, seed=5, epoch=0, drop_last=False))
-    assert sorted(torch.cat([b.caption_ids for b in full]).tolist()) == list(range(5 * N_IMAGES))
-
-
-def test_epoch_order() -> None:
-    order = epoch_order(100, seed=1, epoch=2)
-    assert sorted(order.tolist()) == list(range(100))
-    assert np.array_equal(order, epoch_order(100, seed=1, epoch=2))
-    assert not np.array_equal(order, epoch_order(100, seed=1, epoch=3))
-    assert not np.array_equal(order, epoch_order(100, seed=2, epoch=2))
 
 
 @pytest.mark.parametrize("per_caption", [False, True])

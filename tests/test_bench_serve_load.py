@@ -1,26 +1,23 @@
-"""``bench/serve_load.py``: the verdicts against the serving targets, the one-hop vs two-hop
-table, and the image query bodies of each encoding (no Ray: the pure parts)."""
+"""``bench/serve_load.py``: its closed loop, the verdicts against the serving targets, the
+one-hop vs two-hop table, and the image query bodies of each encoding (no Ray: the pure parts)."""
 
 from __future__ import annotations
 
 import base64
-import importlib.util
 import io
 import json
+import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
-SERVE_LOAD = Path(__file__).resolve().parents[1] / "bench" / "serve_load.py"
+from bench import serve_load as sl
 
-
-def load_serve_load():
-    spec = importlib.util.spec_from_file_location("serve_load", SERVE_LOAD)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+REPO = Path(__file__).resolve().parents[1]
 
 
 def r(p50, p99=None, qps=100.0):
@@ -28,7 +25,6 @@ def r(p50, p99=None, qps=100.0):
 
 
 def test_verdicts_and_comparison():
-    sl = load_serve_load()
     feats = {"shape": "100x2048"}
     results = {
         "in-process, 1 query/call": r(2.0),
@@ -64,14 +60,49 @@ def test_verdicts_and_comparison():
     assert table["p50 ms, conc 1"] == ("13.0", "22.0", "1.69x")
     assert table["QPS, conc 32"] == ("900.0", "400.0", "0.44x")
     assert table["scale-up: 2nd replica RUNNING, s into load"] == ("12.0", "-", "-")
-    page = sl.fmt_row("search page", 1, 1, {"n": 3, "errors": 0, "p50_ms": 9, "p99_ms": 12}, "-")
-    assert page.split("|")[8].strip() == "-"  # no QPS for the one-at-a-time page rows
+    assert sl.comparison(results, {}, 32)[-1][1:] == ("-", "-", "-")  # --no-autoscale
     lines = sl.md_table(("a", "bb"), [("xyz", "1")])
     assert lines == ["| a   | bb |", "|-----|----|", "| xyz | 1  |"]
 
 
+def test_rows_keep_the_table_columns():
+    cells = lambda row: [c.strip() for c in row.split("|")[1:-1]]  # noqa: E731
+    assert cells(sl._cells(tuple(name for name, _ in sl.COLUMNS))) == [
+        "setting", "hops", "conc", "n", "err", "p50 ms", "p99 ms", "QPS", "batch", "client",
+    ]  # fmt: skip
+    http = {**r(9.0), "batch": 4.44, "client_cpu": 0.031}
+    assert cells(sl.fmt_row("Serve", 1, 8, http))[5:] == ["9.0", "18.0", "100.0", "4.4", "3%"]
+    in_process = sl.fmt_row("in-process", "-", 1, {**r(2.0), "batch": 32})
+    assert cells(in_process)[8:] == ["32", ""]  # the batch as given, no client CPU
+    page = {"n": 3, "errors": 0, "p50_ms": 9, "p99_ms": 12}
+    assert cells(sl.fmt_row("search page", 1, 1, page))[7:9] == ["-", "-"]  # no QPS, no batch
+    assert len(sl.fmt_row("x", 1, 1, page)) == len(sl._cells(("",) * len(sl.COLUMNS)))
+
+
+def test_measure_counts_the_window_only():
+    calls = []
+
+    def client():
+        calls.append(time.perf_counter())
+        time.sleep(0.01)
+        return None if len(calls) % 5 == 0 else (0.004, 0.006)
+
+    got = sl.measure([client, client], 0.5, warmup_s=0.2)
+    counted = got["n"] + got["errors"]
+    assert 20 <= counted <= 100  # 2 clients, at most one request each per 10 ms for 0.5 s
+    assert len(calls) > counted + 10  # the warm-up's requests are not counted
+    assert 0.1 <= got["errors"] / counted <= 0.3  # 1 in 5 fails
+    assert got["p50_ms"] >= 10 and got["parts_p50_ms"] == [4.0, 6.0]
+    assert got["qps"] == pytest.approx(got["n"] / 0.5, rel=0.1)  # successes over the window
+
+    stop = threading.Event()
+    stop.set()
+    assert sl.measure([client], 5.0, stop=stop, warmup_s=0)["n"] == 0  # a set stop ends it
+    capped = sl.measure([lambda: sl.OK] * 2, 5.0, max_requests=50, per_call=32, warmup_s=0)
+    assert capped["n"] == 50 * 32 and capped["errors"] == 0 and "parts_p50_ms" not in capped
+
+
 def test_image_query_bodies_carry_the_same_features():
-    sl = load_serve_load()
     bodies = {name: (path, ctype, body) for name, path, ctype, body in sl.feature_bodies(2048)}
     assert set(bodies) == {"JSON", "base64", "npy"}
     as_json = json.loads(bodies["JSON"][2])
@@ -83,3 +114,12 @@ def test_image_query_bodies_carry_the_same_features():
     assert np.array_equal(decoded, feats) and np.array_equal(npy, feats)
     assert bodies["npy"][:2] == (f"/search/image?k={sl.K}", "application/x-npy")
     assert len(bodies["npy"][2]) == 128 + 4 * 100 * 2048  # the documented .npy size
+
+
+def test_runs_as_a_script_without_path_edits():
+    """``python bench/serve_load.py`` has bench/ on sys.path, not the repository: it finds
+    the tiny world in the package."""
+    done = subprocess.run([sys.executable, "bench/serve_load.py", "--help"], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "--hops" in done.stdout and "--no-autoscale" in done.stdout

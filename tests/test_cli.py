@@ -17,9 +17,9 @@ import pytest
 
 from hrem_ray.checkpoint import load_checkpoint
 from hrem_ray.cli import main
-from hrem_ray.data.tokenize import CaptionTokenizer
 from hrem_ray.embed import embed_captions, embed_features
-from tests.helpers import SYNTH, TINY_MODEL, run_err
+from hrem_ray.testing import SYNTH, TINY_MODEL
+from tests.helpers import run_err
 
 METRIC_KEYS = {"r1", "r5", "r10", "medr", "meanr"}
 RESULT_KEYS = {"i2t", "t2i", "rsum", "n_images", "n_captions"}
@@ -44,8 +44,7 @@ def world(tmp_path_factory, tiny_bert) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def loaded(world):
     ck = load_checkpoint(world["ckpt"])
-    tok = CaptionTokenizer.from_dir(ck.backbone_dir, max_tokens=ck.config.data.max_tokens)
-    return ck, tok
+    return ck, ck.tokenizer()
 
 
 # --------------------------------------------------------------------------------------------
@@ -442,3 +441,22 @@ def test_eval_mismatched_data_and_bad_options(capsys, world, tmp_path):
     line = run_err(capsys, "eval", *common, "--data-path", str(world["data"]), "--batch-size", "0")
     assert "batch size" in line
     assert not out.exists()
+
+
+def test_run_flags_are_the_options_dataclasses():
+    """train's and tune's flags and defaults come from RayRunOptions and SweepOptions."""
+    from dataclasses import asdict
+
+    from hrem_ray.cli import build_parser
+    from hrem_ray.options import SWEEP_RUN_SKIPS, RayRunOptions, SweepOptions, from_args
+
+    parser = build_parser()
+    train = from_args(parser.parse_args(["train"]), RayRunOptions)
+    assert train == RayRunOptions()
+    a = parser.parse_args(["tune", "--name", "s2", "--ensemble-top", "3", "--use-gpu"])
+    sweep = from_args(a, SweepOptions, run=from_args(a, RayRunOptions))
+    want = SweepOptions(RayRunOptions(name="s2", num_workers=1, use_gpu=True), ensemble_top=3)
+    assert asdict(sweep) == asdict(want)
+    for skipped in SWEEP_RUN_SKIPS:
+        with pytest.raises(SystemExit):
+            parser.parse_args(["tune", f"--{skipped.replace('_', '-')}", "1"])

@@ -32,8 +32,8 @@ import psutil
 import pytest
 
 from hrem_ray.data.precomp import open_split
-from hrem_ray.data.synth import write_synthetic
-from tests.helpers import TINY_SETS, alive, is_loopback
+from hrem_ray.synth import write_synthetic
+from hrem_ray.testing import TINY_SETS, alive, is_loopback
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -274,8 +274,9 @@ SHARD_SETS = [
 @pytest.mark.timeout(900)
 def test_train_from_shards_in_s3(ns):
     """``hrem-ray shard`` of train and dev into the bucket, then a 2-epoch, 2-worker job that
-    reads both from there through Ray Data (no local feature file is given to it): its dev
-    rsum is far above the fresh model's, and each epoch took the sharded path's steps."""
+    reads both from there through the node cache, with a budget of a third of the split (no
+    local feature file is given to it): its dev rsum is far above the fresh model's, each
+    epoch took the plan's steps, and the epochs were shuffled in windows of 2 shards."""
     start = time.monotonic()
     data = ns.root / "sdata"
     write_synthetic(data, train_images=400, dev_images=50, test_images=5, regions=12, dim=64,
@@ -292,13 +293,15 @@ def test_train_from_shards_in_s3(ns):
     sets = [x for s in SHARD_SETS for x in ("--set", s)]
     args = ["--data-path", "s3://hrem/sharded", "--dataset", "f30k", "--bert-path", ns.bert,
             "--epochs", "2", "--num-workers", str(WORKERS), "--cpus-per-worker", "0.5",
-            "--storage-path", "s3://hrem/runs", "--name", "sharded", *sets]  # fmt: skip
+            "--storage-path", "s3://hrem/runs", "--name", "sharded", *sets,
+            "--set", "data.cache_limit=250KB"]  # fmt: skip
     job = ns.run(*_submit(ns, "train.py", *args), timeout=720)
     out = job["out"] + job["err"]
     assert job["rc"] == 0 and "succeeded" in out, out[-4000:]
+    assert "10 shards in s3://hrem/sharded/f30k_precomp/train (node cache); windows of 2" in out
     history = json.loads(_s3_text(ns, "runs/sharded/metrics.json"))
     assert [row["epoch"] for row in history] == [0, 1]
-    assert all(row["steps"] == 5 * (400 // WORKERS) // (32 // WORKERS) for row in history)
+    assert all(row["steps"] == 5 * 400 // 32 for row in history)
 
     fresh = ns.root / "fresh"
     r = ns.run(str(BIN / "hrem-ray"), "init-checkpoint", "--out", str(fresh), "--bert-path",

@@ -198,3 +198,12 @@ def test_loss_attribute_sets_both_losses():
     m.relation_loss = "trip"
     with pytest.raises(ConfigError, match="ambiguous"):
         _ = m.loss
+
+
+def test_every_cli_flag_is_a_config_key_of_its_type():
+    from hrem_ray.options import CLI_FLAGS
+
+    defaults = HREMConfig().to_dict()
+    for key, (kind, _) in CLI_FLAGS.items():
+        section, name = key.split(".")
+        assert type(defaults[section][name]) is kind, key

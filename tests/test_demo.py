@@ -19,7 +19,7 @@ from hrem_ray.cli import _config as cli_config
 from hrem_ray.cli import build_parser, main
 from hrem_ray.demo.pipeline import STATE_FILE, Demo, DemoOptions, run_demo
 from hrem_ray.demo.report import write_report
-from tests.helpers import free_port
+from hrem_ray.testing import free_port
 
 BIN = Path(sys.executable).parent
 STAGES = ["data", "fresh", "train", "frozen", "sweep", "eval", "index", "serve"]

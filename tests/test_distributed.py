@@ -26,6 +26,7 @@ from hrem_ray.data.batches import Batch
 from hrem_ray.model import build_model, hrem_loss
 from hrem_ray.model.hrem import Encoded
 from hrem_ray.model.relation import fragment_scores
+from hrem_ray.testing import free_port
 from hrem_ray.train.distributed import (
     GlobalBatchNorm1d,
     gather_encoded,
@@ -36,7 +37,6 @@ from hrem_ray.train.distributed import (
     wrap_ddp,
 )
 from hrem_ray.train.loop import train_step
-from tests.helpers import free_port
 
 # (base loss, warmup): iteration is always 0, so warmup 1 leaves the relation module out.
 # The same DDP object runs them in order: relation on, on, off, on again.
@@ -259,7 +259,7 @@ def assert_matches(got: dict, ref: dict, rank: int, dtype: torch.dtype) -> float
             if scale > 1e-5:  # gradients that are mathematically 0 are only float noise
                 worst = max(worst, err / scale)
     assert got["parts"] is not None
-    assert got["parts"]["loss"] == pytest.approx(ref["parts"]["loss"], rel=1e-5)
+    assert float(got["parts"]["loss"]) == pytest.approx(float(ref["parts"]["loss"]), rel=1e-5)
     for name, value in got["after"].items():
         torch.testing.assert_close(value, ref["after"][name], **TOL)
     return worst
@@ -371,3 +371,123 @@ def test_sharded_scores_on_one_process_are_the_plain_ones():
     assert got.k_i2t.shape == (3, 5, 3)
     for name in ("m_t2i", "k_t2i", "m_i2t", "k_i2t"):
         torch.testing.assert_close(getattr(got, name), getattr(want, name), **TOL)
+
+
+def init_gloo(rank: int, world: int, port: int, seconds: int = 30) -> None:
+    if sys.platform.startswith("linux"):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=seconds),
+    )
+
+
+def run_ranks(target, world: int, tmp: Path, *args, timeout: float = 120) -> list[dict]:
+    """Run ``target(rank, world, port, tmp, *args)`` on ``world`` spawned gloo ranks; each
+    saves ``tmp/rank{r}.pt``, which is returned. A rank that hangs is killed after
+    ``timeout`` seconds and fails the test."""
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [
+        ctx.Process(target=_rank_main, args=(target, r, world, port, tmp, *args))
+        for r in range(world)
+    ]
+    for p in procs:
+        p.start()
+    try:
+        for p in procs:
+            p.join(timeout=timeout)
+    finally:
+        hung = [r for r, p in enumerate(procs) if p.is_alive()]
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+                p.join()
+    assert not hung, f"ranks {hung} still running after {timeout} s (out of step?)"
+    for r, p in enumerate(procs):
+        err = tmp / f"rank{r}.err"
+        detail = err.read_text() if err.exists() else "(no traceback written)"
+        assert p.exitcode == 0, f"worker {r} exited with {p.exitcode}:\n{detail}"
+    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def _rank_main(target, rank: int, world: int, port: int, tmp: Path, *args) -> None:
+    try:
+        init_gloo(rank, world, port)
+        torch.save(target(rank, world, *args), tmp / f"rank{rank}.pt")
+    except BaseException:
+        (tmp / f"rank{rank}.err").write_text(traceback.format_exc())
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def nan_on_one_rank(rank: int, world: int, cfg: ModelConfig) -> dict:
+    """Three DDP steps; rank 1 alone sees a NaN loss at the second."""
+    import hrem_ray.train.loop as loop
+    from hrem_ray.model.hrem import LossOutput
+
+    calls: list[int] = []
+
+    def flaky(core, enc, ids, iteration, generator=None, **kw):
+        out = hrem_loss(core, enc, ids, iteration, generator, **kw)
+        calls.append(iteration)
+        if rank == 1 and len(calls) == 2:
+            return LossOutput(out.total * float("nan"), out.parts)
+        return out
+
+    loop.hrem_loss = flaky
+    torch.manual_seed(0)  # the same initial weights on every rank
+    model = build_model(cfg, pretrained=False)
+    ddp = wrap_ddp(model)
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    train_cfg = HREMConfig(model=model.cfg)
+    local = share(global_batch(cfg.img_dim), rank, world, torch.float32)
+    skipped = []
+    for step in range(3):
+        gen = torch.Generator().manual_seed(step)
+        parts = train_step(ddp, local, optimizer, step, train_cfg, generator=gen,
+                           gather=gather_encoded)  # fmt: skip
+        skipped.append(parts is None)
+    return {"skipped": skipped, "calls": calls, "weights": model.state_dict()}
+
+
+@pytest.mark.timeout(180)
+def test_non_finite_loss_on_one_rank_skips_the_step_on_all(small_cfg, tmp_path):
+    """Without the agreed flag rank 0 would enter DDP's gradient all-reduce alone at the
+    second step and the ranks would fall out of step (a hang under NCCL)."""
+    got = run_ranks(nan_on_one_rank, 2, tmp_path, small_cfg)
+    assert [g["skipped"] for g in got] == [[False, True, False]] * 2
+    assert got[0]["calls"] == got[1]["calls"] == [0, 1, 2]
+    for name, value in got[0]["weights"].items():  # still in step: identical replicas
+        assert torch.equal(value, got[1]["weights"][name]), name
+
+
+BN_ROWS = 3500  # per rank; bf16 holds 8 significant bits, so it would count 3,504
+
+
+def bf16_batchnorm(rank: int, world: int) -> dict:
+    g = torch.Generator().manual_seed(rank)
+    x = (torch.randn(BN_ROWS, 4, generator=g) * 2 + 3).bfloat16()  # what a bf16 Linear gives
+    bn = GlobalBatchNorm1d(4, momentum=1.0)  # running stats = this batch's statistics
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = bn(x)
+    return {"x": x, "y": y, "mean": bn.running_mean, "var": bn.running_var}
+
+
+@pytest.mark.timeout(180)
+def test_global_batchnorm_statistics_under_bf16_autocast(tmp_path):
+    got = run_ranks(bf16_batchnorm, 2, tmp_path)
+    x = torch.cat([g["x"] for g in got]).double()
+    mean, var = x.mean(0), x.var(0)  # the running variance is the unbiased one
+    for g in got:
+        torch.testing.assert_close(g["mean"].double(), mean, rtol=1e-6, atol=0)
+        torch.testing.assert_close(g["var"].double(), var, rtol=1e-5, atol=0)
+        assert g["y"].dtype == torch.bfloat16
+    y = (x - mean) / torch.sqrt(x.var(0, unbiased=False) + 1e-5)
+    torch.testing.assert_close(torch.cat([g["y"] for g in got]).double(), y, rtol=1e-2, atol=1e-2)

@@ -24,13 +24,13 @@ from starlette.testclient import TestClient
 from hrem_ray.checkpoint import load_checkpoint
 from hrem_ray.cli import main
 from hrem_ray.data.precomp import open_split
-from hrem_ray.data.tokenize import CaptionTokenizer
 from hrem_ray.embed import embed_captions, embed_features, ensemble_embedding, model_id
 from hrem_ray.eval.evaluate import evaluate_ensemble
 from hrem_ray.index.gallery import MANIFEST, Gallery, GalleryError
 from hrem_ray.serving.api import LocalBackend, build_app
 from hrem_ray.serving.service import RetrievalService
-from tests.helpers import TINY_MODEL, run_err, tiny_data_and_checkpoint
+from hrem_ray.testing import TINY_MODEL, tiny_data_and_checkpoint
+from tests.helpers import run_err
 
 N_IMAGES, N_CAPTIONS, IMG_DIM = 10, 50, 24
 DIMS = (32, 16)  # checkpoint A's embedding size, checkpoint B's (and C's)
@@ -65,7 +65,7 @@ def world(tmp_path_factory, tiny_bert) -> dict[str, Any]:
     models = {}
     for name, path in (("a", a), ("b", b), ("c", c)):
         ck = load_checkpoint(path)
-        tok = CaptionTokenizer.from_dir(ck.backbone_dir, max_tokens=ck.config.data.max_tokens)
+        tok = ck.tokenizer()
         models[name] = {
             "path": path,
             "model": ck.model,
@@ -243,7 +243,7 @@ def test_cli_index_checks_every_checkpoint_before_encoding(world, tmp_path, caps
     def no_encoding(*_, **__):
         raise AssertionError("encoded before every checkpoint was checked")
 
-    monkeypatch.setattr("hrem_ray.index.gallery.embed_split", no_encoding)
+    monkeypatch.setattr("hrem_ray.index.gallery.embed_split_each", no_encoding)
     out = tmp_path / "g"
     line = run_err(capsys, "index", "--checkpoint", str(world["models"]["a"]["path"]),
                    "--checkpoint", str(tmp_path / "nope"), "--data-path", str(world["data"]),

@@ -17,7 +17,6 @@ import pytest
 from hrem_ray.checkpoint import load_checkpoint
 from hrem_ray.cli import main
 from hrem_ray.data.precomp import open_split
-from hrem_ray.data.tokenize import CaptionTokenizer
 from hrem_ray.embed import embed_captions, embed_features
 from hrem_ray.index import gallery as gallery_mod
 from hrem_ray.index.gallery import (
@@ -31,7 +30,8 @@ from hrem_ray.index.gallery import (
     build_gallery,
     top_k,
 )
-from tests.helpers import run_err, tiny_data_and_checkpoint
+from hrem_ray.testing import tiny_data_and_checkpoint
+from tests.helpers import run_err
 
 N_IMAGES, N_CAPTIONS, DIM = 10, 50, 32
 
@@ -51,7 +51,7 @@ def world(tmp_path_factory, tiny_bert) -> dict[str, Path]:
 def offline(world) -> dict[str, np.ndarray]:
     """The split embedded by ``hrem_ray.embed`` (the path ``hrem-ray embed`` takes)."""
     ck = load_checkpoint(world["ckpt"])
-    tok = CaptionTokenizer.from_dir(ck.backbone_dir, max_tokens=ck.config.data.max_tokens)
+    tok = ck.tokenizer()
     split = open_split(world["data"], "f30k", "test")
     feats = np.asarray(split.features[split.image_rows()])
     return {

@@ -28,7 +28,8 @@ from hrem_ray.index.gallery import (
 )
 from hrem_ray.index.ivf import RECALL_QUERIES
 from hrem_ray.serving.service import RetrievalService
-from tests.helpers import run_err, tiny_data_and_checkpoint
+from hrem_ray.testing import tiny_data_and_checkpoint
+from tests.helpers import run_err
 
 needs_faiss = pytest.mark.skipif(
     importlib.util.find_spec("faiss") is None, reason="faiss-cpu not installed"

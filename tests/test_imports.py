@@ -58,3 +58,18 @@ def test_the_package_has_no_import_cycle():
     graph = import_graph()
     assert "hrem_ray.cli" in graph and "hrem_ray.demo.pipeline" in graph["hrem_ray.cli"]
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+def test_the_library_never_imports_the_test_world():
+    graph = import_graph()
+    users = {m for m, deps in graph.items() if any(d.startswith("hrem_ray.testing") for d in deps)}
+    assert "hrem_ray.testing" in graph and users <= {m for m in graph if "testing" in m}, users
+
+
+def test_embedding_sits_below_evaluation():
+    """``embed`` is the one embedding path: evaluation and the gallery use it, and it uses
+    neither of them (no import runs back up the layers)."""
+    graph = import_graph()
+    assert not {d for d in graph["hrem_ray.embed"] if d.startswith("hrem_ray.eval")}
+    assert not {d for d in graph["hrem_ray.index.gallery"] if d.startswith("hrem_ray.eval")}
+    assert "hrem_ray.embed" in graph["hrem_ray.eval.evaluate"]

@@ -1,11 +1,12 @@
 """Streaming ingest keeps memory bounded over a region-feature file ten times the memory limit.
 
 A sparse 30 GB ``train_ims.npy`` (102,000 images of 36x2048 float32; holes cost no disk) goes
-through the real pipeline: ``pairs_dataset`` tokenises the 510,000 captions in Ray tasks, and
-two Ray Train workers draw a thousand augmented batches each with ``shard_batches``, gathering
-their features from the file. Meanwhile a thread samples the anonymous memory (RssAnon: the
-page cache that the reads fill is file-backed and does not count) of the driver and of every
-process of the test's own Ray cluster, all of which are its descendants; each peak must stay
+through the real pipeline: ``pairs_dataset`` tokenises the 510,000 captions in Ray tasks, every
+Ray Train worker reads all their token rows once, and two workers draw a thousand augmented
+batches each from the training source, gathering their features from the file. Meanwhile a
+thread samples the anonymous memory (RssAnon: the page cache that the reads fill is file-backed
+and does not count) of the driver and of every process of the test's own Ray cluster, all of
+which are its descendants; each peak must stay
 under 3 GB.
 """
 
@@ -25,12 +26,13 @@ import ray
 import ray.cloudpickle
 import torch
 from numpy.lib.format import open_memmap
-from ray.train import RunConfig, ScalingConfig
+from ray.train import DataConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from hrem_ray.backbone import write_tiny_bert
 from hrem_ray.data.precomp import CAPTIONS_PER_IMAGE, open_split, split_paths
-from hrem_ray.data.ray_data import pairs_dataset, shard_batches
+from hrem_ray.data.ray_data import pairs_dataset
+from hrem_ray.data.source import open_source, token_lookup
 from hrem_ray.data.tokenize import CaptionTokenizer
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -73,14 +75,14 @@ def _ingest_loop(config: dict) -> None:
     torch.set_num_threads(1)
     rank = ray.train.get_context().get_world_rank()
     # Opening reads no feature: only what the batches need is read.
-    split = open_split(config["root"], "big", "train")
+    source = open_source(config["root"], "big", "train")
     tokenizer = CaptionTokenizer.from_dir(config["bert"], max_tokens=MAX_TOKENS)
-    shard = ray.train.get_dataset_shard("train")
+    rows = ray.train.get_dataset_shard("train").iter_batches(batch_format="numpy")
+    tokens = token_lookup(rows, source.n_captions)
     seen, marked, start, first = [], 0, time.perf_counter(), None
-    batches = shard_batches(
-        shard, split, tokenizer, LOCAL_BATCH, config["steps"], seed=0, epoch=0, rank=rank
-    )
-    for batch in batches:
+    batches = source.batches(tokens, tokenizer, LOCAL_BATCH, seed=0, epoch=0, rank=rank,
+                             workers=WORKERS)  # fmt: skip
+    for _, batch in zip(range(config["steps"]), batches, strict=False):
         first = first or time.perf_counter() - start
         ids = batch.caption_ids.numpy()
         images, lengths = batch.images.numpy(), batch.image_lengths.numpy()
@@ -92,6 +94,7 @@ def _ingest_loop(config: dict) -> None:
         assert not images[lengths < images.shape[1], -1].any()
         marked += int(np.count_nonzero(expected))
         seen.append(ids)
+    batches.close()
     ids = np.concatenate(seen) if seen else np.zeros(0, dtype=np.int64)
     stats = {
         "rank": rank,
@@ -223,7 +226,7 @@ def test_streaming_ingest_bounded_anon_memory(tmp_path: Path, monkeypatch) -> No
     lap("ray.init")
     try:
         split = open_split(tmp_path / "data", "big", "train")
-        ds = pairs_dataset(split, bert, MAX_TOKENS)
+        ds = pairs_dataset(str(split.caps_path), split.n_captions, bert, MAX_TOKENS)
         assert ds.count() == N_IMAGES * CAPTIONS_PER_IMAGE
         del split
         lap("tokenise")
@@ -238,6 +241,7 @@ def test_streaming_ingest_bounded_anon_memory(tmp_path: Path, monkeypatch) -> No
             scaling_config=ScalingConfig(num_workers=WORKERS, resources_per_worker={"CPU": 0.5}),
             run_config=RunConfig(name="ingest", storage_path=str(tmp_path / "runs")),
             datasets={"train": ds},
+            dataset_config=DataConfig(datasets_to_split=[]),
         )
         result = trainer.fit()
         lap("fit")

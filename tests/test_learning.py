@@ -1,7 +1,7 @@
 """Learnability: a few epochs of ``train_local`` on synthetic data beat the untrained model.
 
 The synthetic captions describe their images through a fixed code table (see
-``hrem_ray.data.synth``), so a working model, loss and training loop must lift test-split
+``hrem_ray.synth``), so a working model, loss and training loop must lift test-split
 recall far above chance; a broken gradient path, a shuffled ground truth or a detached
 tower would leave it at the fresh model's (chance) level.
 
@@ -21,10 +21,10 @@ import pytest
 from hrem_ray.checkpoint import load_checkpoint
 from hrem_ray.config import HREMConfig
 from hrem_ray.data.precomp import open_split
-from hrem_ray.data.synth import write_synthetic
 from hrem_ray.data.tokenize import CaptionTokenizer
 from hrem_ray.eval.evaluate import evaluate_split
 from hrem_ray.model import build_model
+from hrem_ray.synth import write_synthetic
 from hrem_ray.train.local import train_local
 from hrem_ray.train.loop import seed_everything
 
@@ -32,7 +32,7 @@ SEED = 0
 TRAIN_IMAGES = 300
 EPOCHS = 8
 BATCH = 32
-STEPS_PER_EPOCH = TRAIN_IMAGES * 5 // BATCH  # 46: train_batches drops the remainder
+STEPS_PER_EPOCH = TRAIN_IMAGES * 5 // BATCH  # 46: the epoch plan drops the remainder
 # The relation module joins after ~2 epochs: switching it on from the first step, with
 # random embeddings, slows early learning a lot (as the authors' 8000-iteration warmup implies).
 WARMUP = 2 * STEPS_PER_EPOCH

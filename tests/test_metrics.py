@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from hrem_ray.cli import main
+from hrem_ray.embed import encode
 from hrem_ray.eval import metrics
-from hrem_ray.eval.encode import encode, similarity
 from hrem_ray.eval.evaluate import save_sims
 from hrem_ray.eval.metrics import (
     evaluate_fold5,
@@ -18,9 +18,11 @@ from hrem_ray.eval.metrics import (
     format_table,
     i2t_ranks,
     recall_summary,
+    similarity,
     t2i_ranks,
 )
-from tests.helpers import TINY_MODEL, run_err, tiny_data_and_checkpoint
+from hrem_ray.testing import TINY_MODEL, tiny_data_and_checkpoint
+from tests.helpers import run_err
 
 SIZES = [1, 2, 5, 13, 40]
 

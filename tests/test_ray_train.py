@@ -36,10 +36,11 @@ from hrem_ray.checkpoint import load_checkpoint, load_train_state, read_record
 from hrem_ray.cli import main
 from hrem_ray.config import load_config
 from hrem_ray.data.precomp import open_split
-from hrem_ray.data.synth import write_synthetic
+from hrem_ray.options import RayRunOptions
 from hrem_ray.ray_runtime import ENV_DEFAULTS
-from hrem_ray.train.ray_train import RayRunOptions, train_ray
-from tests.helpers import TINY_SETS, alive, is_loopback
+from hrem_ray.synth import write_synthetic
+from hrem_ray.testing import TINY_SETS, alive, is_loopback
+from hrem_ray.train.ray_train import train_ray
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's ray / hrem-ray

@@ -21,11 +21,10 @@ from starlette.testclient import TestClient
 from hrem_ray.checkpoint import load_checkpoint
 from hrem_ray.cli import main
 from hrem_ray.data.precomp import open_split
-from hrem_ray.data.tokenize import CaptionTokenizer
 from hrem_ray.embed import embed_captions, embed_features
 from hrem_ray.serving.api import NPY, PAGE, LocalBackend, body_limits, build_app
 from hrem_ray.serving.service import MAX_K, MAX_QUERY_CHARS, MAX_REGIONS, RetrievalService
-from tests.helpers import metric_samples, tiny_data_and_checkpoint
+from hrem_ray.testing import metric_samples, tiny_data_and_checkpoint
 
 N_IMAGES, N_CAPTIONS, IMG_DIM, DIM = 10, 50, 24, 32
 API_KEY = "s3cret-key"
@@ -44,7 +43,7 @@ def world(tmp_path_factory, tiny_bert) -> dict[str, Any]:
     main(["index", "--checkpoint", str(ckpt), "--data-path", str(data), "--dataset", "f30k",
           "--split", "test", "--out", str(gallery)])  # fmt: skip
     ck = load_checkpoint(ckpt)
-    tok = CaptionTokenizer.from_dir(ck.backbone_dir, max_tokens=ck.config.data.max_tokens)
+    tok = ck.tokenizer()
     split = open_split(data, "f30k", "test")
     feats = np.asarray(split.features[split.image_rows()], dtype=np.float32)
     return {

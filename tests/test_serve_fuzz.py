@@ -24,7 +24,7 @@ from schemathesis.config import SchemathesisConfig
 from hrem_ray.cli import main
 from hrem_ray.serving.api import NPY, LocalBackend, build_app
 from hrem_ray.serving.service import MAX_REGIONS, RetrievalService
-from tests.helpers import tiny_data_and_checkpoint
+from hrem_ray.testing import tiny_data_and_checkpoint
 
 IMG_DIM = 24
 API_KEY = "fuzz-key"

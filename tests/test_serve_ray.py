@@ -36,7 +36,7 @@ from hrem_ray.cli import main
 from hrem_ray.serving.api import LocalBackend, build_app
 from hrem_ray.serving.app import AUTOSCALING, Retriever, run_service
 from hrem_ray.serving.service import RetrievalService
-from tests.helpers import SYNTH, TINY_MODEL, free_port, metric_samples
+from hrem_ray.testing import SYNTH, TINY_MODEL, free_port, metric_samples
 from tests.test_serve_fuzz import FUZZ_CONFIG, run_schemathesis
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(240)]

@@ -16,16 +16,14 @@ from hrem_ray.data.shards import (
     MANIFEST,
     ShardedSplit,
     ShardError,
-    is_sharded,
-    local_split,
     open_sharded,
-    open_training_split,
     read_shard,
     split_dir,
     verify_shards,
     write_shards,
 )
-from hrem_ray.data.synth import write_synthetic
+from hrem_ray.data.source import open_precomp, open_source
+from hrem_ray.synth import write_synthetic
 from tests.conftest import S3_BUCKET
 
 IMAGES = 23  # not a multiple of the shard size: the last shard is short
@@ -96,10 +94,10 @@ def test_a_precomp_split_stays_the_default_locally(sharded, tmp_path):
     src, _ = sharded
     # both kinds under one root: the memory map wins; the shards are read once it is gone
     write_shards(src, "f30k", "train", src, rows_per_shard=5)
-    assert isinstance(open_training_split(src, "f30k", "train"), PrecompSplit)
+    assert "precomp" in open_source(src, "f30k", "train").describe()
+    assert isinstance(open_precomp(src, "f30k", "train"), PrecompSplit)
     (src / "f30k_precomp" / "train_ims.npy").unlink()
-    assert isinstance(open_training_split(src, "f30k", "train"), ShardedSplit)
-    assert is_sharded("s3://bucket/data", "f30k", "train")
+    assert "5 shards in" in open_source(src, "f30k", "train").describe()
 
 
 def test_an_interrupted_write_leaves_no_manifest_and_can_be_redone(tmp_path, monkeypatch):
@@ -199,17 +197,17 @@ def test_damaged_captions_and_manifest_are_named(sharded, tmp_path):
         open_sharded(tmp_path / "out", "f30k", "dev")
 
 
-def test_local_split_writes_a_sharded_split_as_a_precomp_one_once(sharded, tmp_path, monkeypatch):
+def test_open_precomp_writes_a_sharded_split_as_a_precomp_one_once(sharded, tmp_path, monkeypatch):
     src, _ = sharded
     monkeypatch.setenv("HREM_CACHE", str(tmp_path / "cache"))
     write_shards(src, "f30k", "train", src, rows_per_shard=5)
     (src / "f30k_precomp" / "train_ims.npy").rename(tmp_path / "kept.npy")
-    local = local_split(src, "f30k", "train")
+    local = open_precomp(src, "f30k", "train")
     assert str(local.ims_path).startswith(str(tmp_path / "cache"))
     np.testing.assert_array_equal(local.features, np.load(tmp_path / "kept.npy"))
     assert local.captions == open_sharded(src, "f30k", "train").captions
     mtime = local.ims_path.stat().st_mtime_ns
-    assert local_split(src, "f30k", "train").ims_path.stat().st_mtime_ns == mtime
+    assert open_precomp(src, "f30k", "train").ims_path.stat().st_mtime_ns == mtime
 
 
 def test_cli_shard_and_check_data(tmp_path, capsys):
@@ -236,12 +234,12 @@ def test_shards_in_s3(tmp_path, s3_server):
     src = _precomp(tmp_path / "src")
     uri = f"s3://{S3_BUCKET}/sharded"
     write_shards(src, "f30k", "train", uri, rows_per_shard=6)
-    split = open_training_split(uri, "f30k", "train")
-    assert isinstance(split, ShardedSplit) and split.root.startswith("s3://")
+    split = open_sharded(uri, "f30k", "train")
+    assert split.root.startswith("s3://")
     verify_shards(split)
     source = open_split(src, "f30k", "train")
     features = np.concatenate([read_shard(split, s) for s in split.shards])
     np.testing.assert_array_equal(features, source.features)
     assert storage.list_dir(split.root)[-1] == "shard-00003.npy"
     with pytest.raises(ShardError, match=r"no sharded dataset at s3://.*/f30k_precomp/dev"):
-        open_training_split(uri, "f30k", "dev")
+        open_source(uri, "f30k", "dev")

@@ -19,8 +19,9 @@ from hrem_ray.cli import main
 from hrem_ray.index.gallery import Gallery
 from hrem_ray.serving.service import RetrievalService
 from hrem_ray.storage import MARKER, StorageError
+from hrem_ray.testing import free_port, start_moto, stop_group, tiny_data_and_checkpoint
 from tests.conftest import S3_BUCKET
-from tests.helpers import free_port, run_err, start_moto, stop_group, tiny_data_and_checkpoint
+from tests.helpers import run_err
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -177,8 +178,8 @@ def test_fetch_cache_hit_and_repair(s3_uri, tmp_path, monkeypatch):
 
 
 def test_download_changed_midway_is_discarded(s3_uri, tmp_path, monkeypatch):
-    """A file that does not match the marker's size/hash as read fails the fetch and leaves
-    nothing in the cache."""
+    """A file that does not match the marker's size/hash as read, downloaded twice (the second
+    time in case the first read was torn), fails the fetch and leaves nothing in the cache."""
     uri = storage.join(s3_uri, "ckpt")
     storage.copy_dir(make_folder(tmp_path / "src", FILES), uri)
     real = storage._download

@@ -1,4 +1,5 @@
-"""The synthetic precomp generator: format, determinism, real-English captions, learnability."""
+"""The synthetic precomp generator: format, byte-identical output for a seed (pinned),
+real-English captions, learnability."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hrem_ray.data import synth
+from hrem_ray import synth
+from hrem_ray.options import DATASETS
+from hrem_ray.synth.lexicon import NOUNS, vocabulary, words
+from hrem_ray.synth.scenes import make_world
 
 SMALL = {"train_images": 7, "dev_images": 3, "regions": 5, "dim": 16, "progress": None}
 
@@ -22,6 +26,29 @@ def _files(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
+# SHA-256 (first 16 hex digits) of every file that seed 3 writes: the demo's and the docs'
+# figures depend on these bytes, so a change to the generator must show up here.
+PINNED = {
+    "f30k": {"train_ims.npy": "64f0dfc8908a73c7", "train_caps.txt": "17b80685ee687e22",
+             "dev_ims.npy": "fc855c9f368275bd", "dev_caps.txt": "c16ab00941bb43da",
+             "test_ims.npy": "6b7e0ce2b546b106", "test_caps.txt": "367ae3e1dd1160c0"},
+    "coco": {"train_ims.npy": "64f0dfc8908a73c7", "train_caps.txt": "17b80685ee687e22",
+             "dev_ims.npy": "fc855c9f368275bd", "dev_caps.txt": "c16ab00941bb43da",
+             "testall_ims.npy": "ff1c0d62f51073a0", "testall_caps.txt": "110abd5ca5b0802b",
+             "test_ims.npy": "150bfba87b84d71a", "test_caps.txt": "667d17d164dfcad3"},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("dataset", ["f30k", "coco"])
+def test_output_for_a_seed_is_pinned(tmp_path: Path, dataset: str) -> None:
+    import hashlib
+
+    sizes = dict(train_images=30, dev_images=7, test_images=11, regions=6, dim=24)
+    folder = synth.write_synthetic(tmp_path, dataset=dataset, seed=3, progress=None, **sizes)
+    got = {name: hashlib.sha256(data).hexdigest()[:16] for name, data in _files(folder).items()}
+    assert got == PINNED[dataset]
+
+
 @pytest.mark.parametrize("dataset", ["f30k", "coco"])
 def test_format(tmp_path: Path, dataset: str) -> None:
     folder = synth.write_synthetic(tmp_path, dataset=dataset, test_images=11, **SMALL)
@@ -30,6 +57,7 @@ def test_format(tmp_path: Path, dataset: str) -> None:
     if dataset == "coco":
         expected = {"train": 7, "dev": 3, "testall": 11, "test": 2}
     assert set(synth.SPLIT_NAMES[dataset]) == set(expected)
+    assert tuple(synth.SPLIT_NAMES) == DATASETS  # the synth command offers every layout
     assert sorted(p.name for p in folder.iterdir()) == sorted(
         f"{s}_{kind}" for s in expected for kind in ("ims.npy", "caps.txt")
     )
@@ -77,19 +105,19 @@ def test_captions_are_real_english_about_their_scene(tmp_path: Path) -> None:
     args = {"train_images": 1, "test_images": 1, "regions": 4, "dim": 8, "progress": None}
     folder = synth.write_synthetic(tmp_path, dev_images=n, seed=seed, **args)
     caps = _captions(folder / "dev_caps.txt")
-    world = synth.make_world(seed, 8)
+    world = make_world(seed, 8)
     chunks = list(synth.iter_split(world, seed, "dev", n, 4, chunk=64))
     assert [c for ch in chunks for c in ch.captions] == caps
-    vocab = synth.vocabulary()
+    vocab = vocabulary()
     assert len(vocab) > 150
     for i, scene in enumerate(s for ch in chunks for s in ch.scenes):
         mine = caps[5 * i : 5 * i + 5]
         assert len(set(mine)) == 5, mine
-        forms = {f for pair in synth.NOUNS[scene.groups[0].noun].forms for f in pair}
+        forms = {f for pair in NOUNS[scene.groups[0].noun].forms for f in pair}
         for text in mine:
-            words = synth.tokenize(text)
-            assert set(words) <= vocab, text
-            assert any(f" {f} " in f" {' '.join(words)} " for f in forms), (text, forms)
+            found = words(text)
+            assert set(found) <= vocab, text
+            assert any(f" {f} " in f" {' '.join(found)} " for f in forms), (text, forms)
 
 
 @pytest.mark.parametrize(
@@ -129,14 +157,14 @@ def test_atomic_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _ridge_recall(folder: Path, shuffle: bool) -> tuple[float, float, float]:
     """Text->image R@1/5/10 on dev of ridge regression from bag-of-words to mean-pooled regions."""
-    vocab = {w: i for i, w in enumerate(sorted(synth.vocabulary()))}
+    vocab = {w: i for i, w in enumerate(sorted(vocabulary()))}
 
     def bow(split: str) -> np.ndarray:
         caps = _captions(folder / f"{split}_caps.txt")
         x = np.zeros((len(caps), len(vocab) + 1))
         x[:, -1] = 1.0
         for row, text in enumerate(caps):
-            x[row, [vocab[w] for w in synth.tokenize(text)]] = 1.0
+            x[row, [vocab[w] for w in words(text)]] = 1.0
         return x
 
     train_img = np.load(folder / "train_ims.npy").mean(axis=1)

@@ -14,14 +14,20 @@ from torch import nn
 import hrem_ray.train.loop as loop
 from hrem_ray.checkpoint import load_checkpoint, load_train_state
 from hrem_ray.config import HREMConfig, TrainConfig
-from hrem_ray.data.batches import train_batches
-from hrem_ray.data.precomp import open_split
-from hrem_ray.data.synth import write_synthetic
+from hrem_ray.data.source import encoded, open_source
 from hrem_ray.data.tokenize import CaptionTokenizer
 from hrem_ray.model import build_model, hrem_loss
 from hrem_ray.model.hrem import LossOutput
+from hrem_ray.synth import write_synthetic
 from hrem_ray.train.local import train_local
-from hrem_ray.train.loop import TrainState, fit, train_epoch, train_step
+from hrem_ray.train.loop import (
+    TrainState,
+    fit,
+    restore_train_state,
+    train_epoch,
+    train_state_dict,
+    train_step,
+)
 from hrem_ray.train.optim import build_optimizer, lr_factor, param_groups, set_epoch_lr
 from hrem_ray.train.setup import RunExistsError
 
@@ -48,9 +54,10 @@ def cfg(small_cfg, synth_root) -> HREMConfig:
 @pytest.fixture
 def batches(cfg):
     """Three augmented training batches of 16 pairs from the synthetic train split."""
-    split = open_split(cfg.data.data_path, cfg.data.dataset, "train")
+    split = open_source(cfg.data.data_path, cfg.data.dataset, "train")
     tokenizer = CaptionTokenizer.from_dir(cfg.model.bert_path)
-    it = train_batches(split, tokenizer, cfg.train.batch_size, seed=0, epoch=0)
+    tokens = encoded(split.captions, tokenizer)
+    it = iter(split.batches(tokens, tokenizer, cfg.train.batch_size, seed=0, epoch=0))
     return [next(it) for _ in range(3)]
 
 
@@ -353,7 +360,8 @@ def test_train_local_resume_equals_straight_run(cfg, tmp_path):
     sa, sb = load_train_state(straight / "last"), load_train_state(resumed / "last")
     assert sa["state"]["epoch"] == sb["state"]["epoch"] == 2
     assert sa["state"]["iteration"] == sb["state"]["iteration"] == 24
-    torch.testing.assert_close(sa["rng"]["sampler"], sb["rng"]["sampler"], rtol=0, atol=0)
+    torch.testing.assert_close(sa["rng"]["torch"], sb["rng"]["torch"], rtol=0, atol=0)
+    assert "sampler" not in sa["rng"]  # re-seeded per epoch: portable across device kinds
     for ga, gb in zip(sa["optimizer"]["param_groups"], sb["optimizer"]["param_groups"],
                       strict=True):  # fmt: skip
         assert ga["lr"] == pytest.approx(gb["lr"]) == pytest.approx(0.1 * ga["base_lr"])
@@ -391,3 +399,84 @@ def test_train_epoch_drives_the_vse_warm_up(cfg, batches):
         losses[epoch] = m["train_loss"]
     # sum over every negative, then only the hardest per row and column: far smaller
     assert losses[1] < losses[0] / 2
+
+
+# --------------------------------------------------------------------------- resume across devices
+
+
+class CudaGenerator:
+    """Stands in for the sampler's generator of a run on ``cuda:1`` (train_state_dict and
+    restore_train_state read only its device), so the CUDA code path runs on CPU."""
+
+    device = torch.device("cuda", 1)
+
+
+def fake_cuda_rng(monkeypatch) -> list[tuple]:
+    calls: list[tuple] = []
+
+    def get_rng_state(device="cuda"):
+        calls.append(("get", torch.device(device)))
+        return torch.zeros(16, dtype=torch.uint8)  # a CUDA generator state: 16 bytes
+
+    def set_rng_state(state, device="cuda"):
+        calls.append(("set", torch.device(device), state.numel()))
+
+    monkeypatch.setattr(torch.cuda, "get_rng_state", get_rng_state)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", set_rng_state)
+    return calls
+
+
+def test_cuda_rng_state_is_the_training_devices(cfg, monkeypatch):
+    """Under ``--device cuda:1`` the CUDA RNG saved and restored is cuda:1's, not the
+    current device's (cuda:0)."""
+    calls = fake_cuda_rng(monkeypatch)
+    model = build_model(cfg.model, pretrained=False)
+    opt = build_optimizer(model, cfg.train)
+    saved = train_state_dict(opt, TrainState(epoch=3), CudaGenerator())
+    assert calls == [("get", torch.device("cuda", 1))]
+    assert restore_train_state(saved, opt, CudaGenerator()).epoch == 3
+    assert calls[1:] == [("set", torch.device("cuda", 1), 16)]
+
+
+def test_train_state_resumes_on_another_device_kind(cfg, monkeypatch):
+    """Saved on CPU, restored on the CUDA path, and saved on CUDA (with an old-style
+    ``sampler`` state of 16 bytes), restored on CPU: neither raises (a CPU generator wants
+    5,056 bytes, a CUDA one 16); the sampler's state is not carried, fit re-seeds it."""
+    calls = fake_cuda_rng(monkeypatch)
+    model = build_model(cfg.model, pretrained=False)
+    opt = build_optimizer(model, cfg.train)
+    cpu_gen = torch.Generator().manual_seed(0)
+    on_cpu = train_state_dict(opt, TrainState(epoch=1), cpu_gen)
+    assert set(on_cpu["rng"]) == {"torch"}
+    assert restore_train_state(on_cpu, opt, CudaGenerator()).epoch == 1
+    assert calls == []  # no CUDA state to restore, and none invented
+
+    on_cuda = train_state_dict(opt, TrainState(epoch=2), CudaGenerator())
+    on_cuda["rng"]["sampler"] = torch.zeros(16, dtype=torch.uint8)  # what older CUDA runs wrote
+    with pytest.raises(RuntimeError, match="size"):
+        cpu_gen.set_state(on_cuda["rng"]["sampler"])  # what restoring used to do
+    assert restore_train_state(on_cuda, opt, cpu_gen).epoch == 2
+    assert calls == [("get", torch.device("cuda", 1))]  # a CPU run leaves CUDA's RNG alone
+
+
+def test_fit_reseeds_the_sampler_from_seed_and_epoch(cfg):
+    """Whatever state the generator comes in with, the epoch draws the same negatives."""
+    cfg.train.epochs = 1
+    draws = []
+    for warm in (0, 5):
+        gen = torch.Generator().manual_seed(123)
+        torch.rand(warm, generator=gen)  # a generator in another state (e.g. a resumed run)
+        torch.manual_seed(0)
+        model = build_model(cfg.model, pretrained=False)
+        seen = []
+
+        def batches(epoch):
+            return []
+
+        def record(r, gen=gen, seen=seen):
+            seen.append(torch.rand(4, generator=gen))
+
+        fit(model, build_optimizer(model, cfg.train), cfg, epoch_batches=batches,
+            evaluate=None, report=record, generator=gen, log=None)  # fmt: skip
+        draws.append(seen[0])
+    torch.testing.assert_close(draws[0], draws[1], rtol=0, atol=0)

@@ -12,8 +12,9 @@ import pytest
 from hrem_ray import storage
 from hrem_ray.cli import main
 from hrem_ray.data.precomp import split_paths
+from hrem_ray.testing import SYNTH, TINY_MODEL
 from tests.conftest import S3_BUCKET
-from tests.helpers import SYNTH, TINY_MODEL, run_err
+from tests.helpers import run_err
 
 TRAIN = ["--epochs", "1", "--batch-size", "10", "--set", "model.warmup=0", *TINY_MODEL]
 

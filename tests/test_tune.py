@@ -48,9 +48,11 @@ from ray.tune.search.sample import Categorical, Float, Integer, LogUniform, Quan
 from hrem_ray.checkpoint import load_checkpoint, read_record
 from hrem_ray.cli import main
 from hrem_ray.config import HREMConfig, load_config
-from hrem_ray.data.synth import write_synthetic
 from hrem_ray.eval.evaluate import evaluate_ensemble
+from hrem_ray.options import RayRunOptions, SweepOptions
 from hrem_ray.ray_runtime import ENV_DEFAULTS, init_ray
+from hrem_ray.synth import write_synthetic
+from hrem_ray.testing import TINY_MODEL, alive, tiny_data_and_checkpoint
 from hrem_ray.tune.space import (
     SearchSpace,
     SpaceError,
@@ -60,12 +62,11 @@ from hrem_ray.tune.space import (
 )
 from hrem_ray.tune.sweep import (
     ENSEMBLE_JSON,
-    SweepOptions,
     export_ensemble,
     run_sweep,
     trial_config,
 )
-from tests.helpers import TINY_MODEL, alive, run_err, tiny_data_and_checkpoint
+from tests.helpers import run_err
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 2
@@ -303,7 +304,7 @@ def test_space_is_checked_against_the_sweeps_config(no_ray, tmp_path, tiny_bert)
     with pytest.raises(SpaceError, match=r"'model\.num_heads'"):
         space.check(cfg)
     assert not ray.is_initialized()
-    options = SweepOptions(storage_path=str(tmp_path / "runs"), name="s")
+    options = SweepOptions(RayRunOptions(str(tmp_path / "runs"), "s"))
     with pytest.raises(SpaceError, match=r"'model\.num_heads'"):
         run_sweep(cfg, space, options, log=lambda _: None)
     assert not (tmp_path / "runs").exists()
@@ -427,7 +428,7 @@ def test_sweep_with_sleeping_knobs_fails_before_ray(no_ray, tmp_path, tiny_bert,
                     regions=4, dim=64)  # fmt: skip
     cfg = _tiny_cfg(str(tmp_path / "data"), tiny_bert)
     cfg.train.batch_size = BATCH  # 100 captions // 32 = 3 iterations per epoch, warmup 1000
-    options = SweepOptions(storage_path=str(tmp_path / "runs"), name="s")
+    options = SweepOptions(RayRunOptions(str(tmp_path / "runs"), "s"))
     with pytest.raises(SpaceError, match=r"model\.mask_weight act only from epoch 334"):
         run_sweep(cfg, parse_space(RELATION_SPACE), options, log=lambda _: None)
     assert not ray.is_initialized() and not (tmp_path / "runs").exists()
@@ -458,7 +459,7 @@ def test_cli_tune_ensemble_top_is_checked_before_ray(no_ray, tmp_path, capsys, k
     assert message in line, line
     assert not ray.is_initialized() and not (tmp_path / "runs").exists()
     if int(k):  # run_sweep checks it too (its ensemble_top=0 means no ensemble)
-        options = SweepOptions(storage_path=str(tmp_path / "runs"), name="s", ensemble_top=int(k))
+        options = SweepOptions(RayRunOptions(str(tmp_path / "runs"), "s"), ensemble_top=int(k))
         with pytest.raises(ValueError, match=r"--ensemble-top"):
             run_sweep(load_config(None, SETS), parse_space(E2E_SPACE), options, log=print)
     assert not ray.is_initialized() and not (tmp_path / "runs").exists()
@@ -665,6 +666,7 @@ def test_sweep_end_to_end(sweep_ray, sweep_data, tiny_bert, tmp_path, capsys):
         assert by_lr[lr]["stopped_early"] and by_lr[lr]["epochs_run"] == 1, by_lr[lr]
         assert by_lr[lr]["best_rsum"] < by_lr[GOOD]["curve"][0]
     assert "stopped early" in out
+    _check_trial_lines(out, by_lr, [GOOD, BAD, BAD2, FAIR])
 
     # best/ is a copy of the best trial's best checkpoint (ties: the first, as run_sweep)
     top = max(rows, key=lambda r: r["best_rsum"])
@@ -705,6 +707,44 @@ def test_sweep_end_to_end(sweep_ray, sweep_data, tiny_bert, tmp_path, capsys):
     assert exc.value.code == 2
     assert "--resume" in capsys.readouterr().err
     assert json.loads((sweep / "trials.json").read_text()) == rows
+
+
+TUNE_BANNERS = ("Configuration for experiment", "tensorboard", "View detailed results")
+
+
+def _check_trial_lines(out: str, by_lr: dict[float, dict], order: list[float]) -> None:
+    """One line per trial as it completes, counting the sweep's trials and this one, with the
+    trial table's word for a trial ASHA stopped; none of Tune's own banners."""
+    lines = [line for line in out.splitlines() if " done)" in line]
+    n = len(order)
+    assert lines == [
+        f"trial {by_lr[lr]['trial']} "
+        f"{'stopped early' if by_lr[lr]['stopped_early'] else 'finished'} ({i}/{n} done)"
+        for i, lr in enumerate(order, 1)
+    ], out
+    for banner in TUNE_BANNERS:
+        assert banner.lower() not in out.lower(), out
+
+
+CONSOLE_SPACE = {**E2E_SPACE, "params": {"train.lr": {"grid": [GOOD, BAD]}}}
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_sweep_console(sweep_ray, sweep_data, tiny_bert, tmp_path, capsys):
+    """The sweep's console, captured: 2 trials one at a time under ASHA, the second (near-zero
+    learning rate, below the first at epoch 1) stopped early; no Tune box or TensorBoard hint."""
+    space = _write(tmp_path / "space.yaml", CONSOLE_SPACE)
+    switch = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    main(_tune_argv(space, sweep_data, tiny_bert, tmp_path / "runs", "console"))
+    out = capsys.readouterr().out
+    _wait_cpus_released()
+    rows = json.loads((tmp_path / "runs" / "console" / "trials.json").read_text())
+    by_lr = {r["train.lr"]: r for r in rows}
+    assert by_lr[BAD]["stopped_early"] and not by_lr[GOOD]["stopped_early"], rows
+    _check_trial_lines(out, by_lr, [GOOD, BAD])
+    assert os.environ.get("RAY_AIR_NEW_OUTPUT") == switch  # set for the sweep only
 
 
 # --------------------------------------------------------------------------- resume, subprocess

@@ -1,7 +1,8 @@
-"""Batches of (regions, tokens) pairs: training augmentation, padding and iteration orders.
+"""Batches of (regions, tokens) pairs: reading rows of ``.npy`` files, augmentation, padding.
 
-Every batch reads its features with one ``gather_features`` call (positional reads of the
-``.npy`` file, the same array as ``PrecompSplit.gather``); only light ids move around otherwise.
+Every batch reads its features with positional reads of the ``.npy`` file that holds them
+(``read_rows``: a precomp split or a shard in the node cache); only light ids move otherwise.
+The epoch's order is ``data/plan.py``'s, and ``data/source.py`` puts the two together.
 """
 
 from __future__ import annotations
@@ -10,15 +11,14 @@ import mmap
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
+from typing import BinaryIO
 
 import numpy as np
 import torch
 
 from hrem_ray.data.augment import region_dropout
-from hrem_ray.data.precomp import CAPTIONS_PER_IMAGE, PrecompSplit, check_finite
+from hrem_ray.data.precomp import CAPTIONS_PER_IMAGE, PrecompSplit, check_finite, npy_header
 from hrem_ray.data.tokenize import CaptionTokenizer
-
-_AUGMENT_STREAM = 1  # extra seed word separating the augmentation rng from the order rng
 
 
 @dataclass
@@ -39,15 +39,31 @@ class Batch:
         return self.caption_ids.shape[0]
 
 
-def _preadable(features: np.ndarray) -> bool:
-    """A whole C-ordered ``.npy`` memory map, so row ``r`` is at ``offset + r * row bytes``."""
-    return (
-        hasattr(os, "preadv")
-        and isinstance(features, np.memmap)
-        and isinstance(features.base, mmap.mmap)  # not a view: a view's ``offset`` is stale
-        and features.flags.c_contiguous
-        and features.filename is not None
-    )
+@dataclass(frozen=True)
+class NpyRows:
+    """Where a C-ordered ``.npy`` file's rows lie: row ``r`` at ``offset + r * row bytes``."""
+
+    path: str
+    offset: int
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @classmethod
+    def of(cls, features: np.ndarray) -> NpyRows | None:
+        """The rows behind a whole ``.npy`` memory map; None for any other array (a view's
+        ``offset`` is stale, an in-memory array has no file)."""
+        if not (hasattr(os, "preadv") and isinstance(features, np.memmap)
+                and isinstance(features.base, mmap.mmap) and features.flags.c_contiguous
+                and features.filename is not None):  # fmt: skip
+            return None
+        return cls(str(features.filename), features.offset, features.shape, features.dtype)
+
+    @classmethod
+    def read(cls, f: BinaryIO, path: str) -> NpyRows:
+        """The header of the ``.npy`` open as ``f`` (read from its start)."""
+        f.seek(0)
+        shape, dtype, offset = npy_header(f, path)
+        return cls(path, offset, shape, dtype)
 
 
 def _iov_max() -> int:
@@ -73,49 +89,67 @@ def _preadv_all(fd: int, buffers: list[memoryview], offset: int, name: str) -> N
 
 
 def gather_features(split: PrecompSplit, rows: np.ndarray) -> np.ndarray:
-    """``split.gather(rows)``: a float32 ``[len(rows), regions, dim]`` copy, read with ``preadv``.
-
-    Copying out of the memory map costs a page fault per 4 KB page not yet mapped. Where the
-    pages are not in the page cache (a file larger than RAM, like COCO's 33 GB on a 24 GB
-    machine) that measured 1.2-3x slower than reading into the batch with ``preadv`` on a real
-    disk, and 10-30x slower over sparse (never written) regions; from the page cache the two
-    are within about 30% of each other. Each distinct row is read once, in file order, straight
-    into its place in the batch; a run of consecutive rows is one call. Other arrays (in-memory
-    test data, a slice of a memory map) use ``split.gather``.
-    """
+    """``split.gather(rows)``: a float32 ``[len(rows), regions, dim]`` copy, read with
+    ``read_rows`` when the features are a whole ``.npy`` memory map, and checked finite."""
     rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-    out = _read_rows(split, rows)
+    features = split.features
+    source = NpyRows.of(features)
+    in_range = not rows.size or (rows.min() >= 0 and rows.max() < features.shape[0])
+    if source is None or not in_range:
+        out = split.gather(rows)  # including numpy's negative indexing or IndexError
+    else:
+        with open(source.path, "rb", buffering=0) as f:
+            out = read_rows(source, rows, f.fileno())
     check_finite(out, split.ims_path, rows)  # the driver never scans: each batch is checked
     return out
 
 
-def _read_rows(split: PrecompSplit, rows: np.ndarray) -> np.ndarray:
-    features = split.features
-    if not _preadable(features) or (
-        rows.size and (rows.min() < 0 or rows.max() >= features.shape[0])
-    ):
-        return split.gather(rows)  # including numpy's negative indexing or IndexError
-    out = np.empty((rows.size, *features.shape[1:]), dtype=features.dtype)
+def read_rows(
+    source: NpyRows,
+    rows: np.ndarray,
+    fd: int,
+    out: np.ndarray | None = None,
+    at: np.ndarray | None = None,
+) -> np.ndarray:
+    """``features[rows]`` of the ``.npy`` open as ``fd``, read with ``preadv``, as float32: into
+    ``out[at]`` when given (the batch), else a new array.
+
+    Copying out of a memory map costs a page fault per 4 KB page not yet mapped. Where the
+    pages are not in the page cache (a file larger than RAM, like COCO's 33 GB on a 24 GB
+    machine) that measured 1.2-3x slower than reading into the batch with ``preadv`` on a real
+    disk, and 10-30x slower over sparse (never written) regions; from the page cache the two
+    are within about 30% of each other. Each distinct row is read once, in file order, straight
+    into its place in the batch (float16 rows go through a buffer); a run of consecutive rows
+    is one call.
+    """
+    rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+    if out is None:
+        out, at = np.empty((rows.size, *source.shape[1:]), dtype=np.float32), None
+    at = np.arange(rows.size) if at is None else np.asarray(at)
+    direct = source.dtype == out.dtype
+    dest = out if direct else np.empty((rows.size, *source.shape[1:]), dtype=source.dtype)
+    place = at if direct else np.arange(rows.size)
     if rows.size:
         order = np.argsort(rows, kind="stable")
         in_order = rows[order]
         first = np.r_[True, in_order[1:] != in_order[:-1]]
-        read_rows, read_into = in_order[first], order[first]
-        runs = np.flatnonzero(np.diff(read_rows) != 1) + 1
-        row_bytes = out[0].nbytes
+        unique, read_into = in_order[first], place[order[first]]
+        runs = np.flatnonzero(np.diff(unique) != 1) + 1
+        row_bytes = dest[0].nbytes
         step = _iov_max()
-        bounds = np.r_[0, runs, read_rows.size].tolist()
-        with open(features.filename, "rb", buffering=0) as f:
-            for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
-                for a in range(lo, hi, step):
-                    targets = read_into[a : min(a + step, hi)].tolist()
-                    buffers = [memoryview(out[i]).cast("B") for i in targets]
-                    offset = features.offset + int(read_rows[a]) * row_bytes
-                    _preadv_all(f.fileno(), buffers, offset, str(features.filename))
+        bounds = np.r_[0, runs, unique.size].tolist()
+        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+            for a in range(lo, hi, step):
+                targets = read_into[a : min(a + step, hi)].tolist()
+                buffers = [memoryview(dest[i]).cast("B") for i in targets]
+                offset = source.offset + int(unique[a]) * row_bytes
+                _preadv_all(fd, buffers, offset, source.path)
         if not first.all():  # a repeated row (two captions of one image): copy its first read
-            source = order[np.maximum.accumulate(np.where(first, np.arange(rows.size), 0))]
-            out[order[~first]] = out[source[~first]]
-    return out.astype(np.float32, copy=False)
+            src = order[np.maximum.accumulate(np.where(first, np.arange(rows.size), 0))]
+            dest[place[order[~first]]] = dest[place[src[~first]]]
+    if not direct:
+        out[at] = dest
+    return out
 
 
 def _dropout_and_pad(
@@ -157,66 +191,42 @@ def make_batch(
     rng: np.random.Generator | None = None,
     region_keep: float = 0.8,
     word_aug: float = 0.2,
-    tokens: Sequence[Sequence[int]] | None = None,
 ) -> Batch:
-    """Pairs for ``caption_ids``: raw features and tokens, or augmented ones when ``train``.
+    """Pairs for ``caption_ids`` of a precomp split, tokenised here (``collate``)."""
+    caption_ids = np.asarray(caption_ids, dtype=np.int64)
+    feats = gather_features(split, split.feature_rows(caption_ids))
+    tokens = [tokenizer.encode(split.captions[c]) for c in caption_ids.tolist()]
+    return collate(feats, tokens, caption_ids, tokenizer, train=train, rng=rng,
+                   region_keep=region_keep, word_aug=word_aug)  # fmt: skip
 
-    ``tokens``, when given, are the captions already encoded (unaugmented), as a Ray Data
-    pipeline delivers them; otherwise the captions are tokenised here.
-    """
+
+def collate(
+    feats: np.ndarray,
+    tokens: Sequence[Sequence[int]],
+    caption_ids: np.ndarray,
+    tokenizer: CaptionTokenizer,
+    *,
+    train: bool,
+    rng: np.random.Generator | None = None,
+    region_keep: float = 0.8,
+    word_aug: float = 0.2,
+) -> Batch:
+    """One batch of every kind of split: ``feats`` (float32, one image per pair) and the
+    captions' unaugmented ``tokens``, augmented when ``train`` (region dropout, then word
+    augmentation, both drawn from ``rng``) and padded."""
     caption_ids = np.asarray(caption_ids, dtype=np.int64)
     if train and rng is None:
-        raise ValueError("make_batch(train=True) needs a numpy Generator for augmentation")
-    feats = gather_features(split, split.feature_rows(caption_ids))
+        raise ValueError("collate(train=True) needs a numpy Generator for augmentation")
     if train:
         images, image_lengths = _dropout_and_pad(feats, rng, region_keep)
+        token_lists = [tokenizer.augment_ids(list(t), rng, word_aug) for t in tokens]
     else:
         images = torch.from_numpy(feats)
         image_lengths = torch.full((len(feats),), feats.shape[1], dtype=torch.int64)
-    if tokens is None:
-        token_lists = [
-            tokenizer.encode(split.captions[c], train=train, rng=rng, word_aug=word_aug)
-            for c in caption_ids.tolist()
-        ]
-    elif train:
-        token_lists = [tokenizer.augment_ids(t, rng, word_aug) for t in tokens]
-    else:
         token_lists = [list(t) for t in tokens]
-    tokens, token_lengths = pad_tokens(token_lists, tokenizer.pad_id)
+    padded, token_lengths = pad_tokens(token_lists, tokenizer.pad_id)
     ids = torch.from_numpy(caption_ids.copy())
-    return Batch(images, image_lengths, tokens, token_lengths, ids // CAPTIONS_PER_IMAGE, ids)
-
-
-def epoch_order(n_captions: int, *, seed: int, epoch: int) -> np.ndarray:
-    """A permutation of the captions that depends only on ``(seed, epoch)``."""
-    return np.random.default_rng([seed, epoch]).permutation(n_captions)
-
-
-def train_batches(
-    split: PrecompSplit,
-    tokenizer: CaptionTokenizer,
-    batch_size: int,
-    *,
-    seed: int,
-    epoch: int,
-    region_keep: float = 0.8,
-    word_aug: float = 0.2,
-    drop_last: bool = True,
-) -> Iterator[Batch]:
-    """One epoch of augmented batches, every caption at most once, reproducible per epoch."""
-    order = epoch_order(split.n_captions, seed=seed, epoch=epoch)
-    rng = np.random.default_rng([seed, epoch, _AUGMENT_STREAM])
-    stop = len(order) - len(order) % batch_size if drop_last else len(order)
-    for start in range(0, stop, batch_size):
-        yield make_batch(
-            split,
-            tokenizer,
-            order[start : start + batch_size],
-            train=True,
-            rng=rng,
-            region_keep=region_keep,
-            word_aug=word_aug,
-        )
+    return Batch(images, image_lengths, padded, token_lengths, ids // CAPTIONS_PER_IMAGE, ids)
 
 
 def image_batches(

@@ -10,12 +10,14 @@ reads a whole file on purpose.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
+from hrem_ray.fileio import write_files_atomic
 from hrem_ray.progress import Progress
 
 CAPTIONS_PER_IMAGE = 5
@@ -73,6 +75,49 @@ def split_paths(data_path: str | Path, dataset: str, split: str) -> tuple[Path, 
     return folder / f"{split}_ims.npy", folder / f"{split}_caps.txt"
 
 
+def write_split(
+    data_path: str | Path,
+    dataset: str,
+    split: str,
+    chunks: Iterable[tuple[list[str], np.ndarray]],
+    shape: tuple[int, int, int],
+    *,
+    dtype: str = "float32",
+    progress: Callable[[str], None] | None = None,
+) -> tuple[Path, Path]:
+    """Write a split in the precomp format from ``(captions, features)`` chunks of consecutive
+    images (5 captions each): ``<split>_ims.npy`` and ``<split>_caps.txt``, both or neither.
+
+    The features are written through a mapping reopened for every chunk, so a split of any
+    size never holds more than one chunk of pages in this process.
+    """
+    n = shape[0]
+    name = f"{dataset}_precomp/{split}"
+    if progress:
+        progress(f"{name}: {n} images, {n * CAPTIONS_PER_IMAGE} captions")
+
+    def write(tmps: list[Path]) -> None:
+        ims_tmp, caps_tmp = tmps
+        np.lib.format.open_memmap(ims_tmp, mode="w+", dtype=dtype, shape=shape)  # header
+        done, reported = 0, 0
+        with open(caps_tmp, "w", encoding="utf-8", newline="\n") as caps:
+            for captions, feats in chunks:
+                ims = np.lib.format.open_memmap(ims_tmp, mode="r+")
+                ims[done : done + len(feats)] = feats
+                ims.flush()
+                del ims
+                caps.writelines(c + "\n" for c in captions)
+                done += len(feats)
+                if progress and done < n and done * 10 // n > reported:
+                    reported = done * 10 // n
+                    progress(f"{name}: {done}/{n} images")
+        if done != n:
+            raise ValueError(f"{name}: {done} images written, {n} expected")
+
+    ims, caps = write_files_atomic(split_paths(data_path, dataset, split), write)
+    return ims, caps
+
+
 def open_split(data_path: str | Path, dataset: str, split: str) -> PrecompSplit:
     """Validate and open one split from its header and captions; every problem is a
     ``PrecompError`` naming its file. The features are not read (see ``scan_finite``)."""
@@ -120,6 +165,22 @@ def open_features(path: str | Path) -> np.ndarray:
             f"{path}: expected [rows, regions, dim] (3 dimensions), got shape {features.shape}"
         )
     return features
+
+
+def npy_header(f: BinaryIO, name: str | Path) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, offset of the data) of the C-ordered ``.npy`` whose start ``f`` reads."""
+    try:
+        version = np.lib.format.read_magic(f)
+        read = {(1, 0): np.lib.format.read_array_header_1_0,
+                (2, 0): np.lib.format.read_array_header_2_0}.get(version)  # fmt: skip
+        if read is None:
+            raise ValueError(f".npy format version {version} is not 1.0 or 2.0")
+        shape, fortran, dtype = read(f)
+    except (ValueError, OSError, SyntaxError, EOFError) as e:
+        raise PrecompError(f"{name}: not an .npy array ({e})") from None
+    if fortran:
+        raise PrecompError(f"{name}: Fortran-ordered array")
+    return tuple(shape), np.dtype(dtype), f.tell()
 
 
 def read_captions(path: str | Path) -> list[str]:

@@ -1,10 +1,11 @@
 """Sharded datasets: a precomp split cut into ``.npy`` shards and a manifest (docs/data.md).
 
 On a cluster whose nodes share only object storage, no node can memory-map a split, so
-``hrem-ray shard`` writes it as shards that Ray Data reads from anywhere
-(``data/ray_data.py``). A split lands in ``<root>/<dataset>_precomp/<split>/``, so a data
-root finds it exactly as it finds a precomp split. Each shard holds consecutive images, one
-row each (both precomp layouts are read; the per-caption layout's five copies become one).
+``hrem-ray shard`` writes it as shards that every node reads once into its cache
+(``data/cache.py``, ``data/source.py``). A split lands in ``<root>/<dataset>_precomp/<split>/``,
+so a data root finds it exactly as it finds a precomp split. Each shard holds consecutive
+images, one row each (both precomp layouts are read; the per-caption layout's five copies
+become one).
 ``.npy`` shards decode about 13x faster than Parquet with a tensor column (19 ms against
 250 ms for 256 rows of 36x2048, docs/benchmarks.md). The manifest is written last: a folder
 without one is an interrupted write and is never read.
@@ -27,19 +28,17 @@ from hrem_ray import __version__, storage
 from hrem_ray.data.precomp import (
     CAPTIONS_PER_IMAGE,
     PrecompError,
-    PrecompSplit,
     check_finite,
+    npy_header,
     open_split,
     parse_captions,
-    split_paths,
 )
-from hrem_ray.fileio import write_atomic
+from hrem_ray.options import FEATURE_DTYPES
 from hrem_ray.progress import Progress
 
 FORMAT = "hrem-shards/1"
 MANIFEST = "manifest.json"
 CAPTIONS = "captions.txt"
-DTYPES = ("float32", "float16")
 DEFAULT_ROWS_PER_SHARD = 256  # 75 MB of float32 36x2048 rows: a Ray Data block each
 _HEADER_BYTES = 4096  # an .npy header is at most this long for any shape we write
 _READERS = 4  # shards read at once by a checksum pass (I/O bound: threads suffice)
@@ -95,51 +94,9 @@ def split_dir(data_path: str | Path, dataset: str, split: str) -> str:
     return storage.join(storage.absolute(data_path), f"{dataset}_precomp", split)
 
 
-def is_sharded(data_path: str | Path, dataset: str, split: str) -> bool:
-    """Whether ``split`` is read from shards: always for a URI; locally only when there is no
-    precomp ``<split>_ims.npy`` (the memory map stays the default for local data)."""
-    if storage.is_remote(data_path):
-        return True
-    ims, _ = split_paths(data_path, dataset, split)
-    return not ims.exists() and Path(split_dir(data_path, dataset, split)).is_dir()
-
-
-def open_training_split(data_path: str | Path, dataset: str, split: str):
-    """The split as training reads it: a ``ShardedSplit`` or a memory-mapped ``PrecompSplit``.
-    Either way only headers, sizes and captions are read here."""
-    if is_sharded(data_path, dataset, split):
-        return open_sharded(data_path, dataset, split)
-    return open_split(data_path, dataset, split)
-
-
-def local_split(data_path: str | Path, dataset: str, split: str) -> PrecompSplit:
-    """A memory-mappable split: the precomp split itself, or a sharded one written once into
-    this node's cache as a precomp folder (for dev evaluation: small splits only)."""
-    if not is_sharded(data_path, dataset, split):
-        return open_split(data_path, dataset, split)
-    sharded = open_sharded(data_path, dataset, split)
-    key = hashlib.sha256(json.dumps(_manifest(sharded), sort_keys=True).encode()).hexdigest()
-    root = storage.cache_root() / "splits" / key[:32]
-    ims, caps = split_paths(root, dataset, split)
-    if not ims.exists():
-        _materialise(sharded, ims, caps)
-    return open_split(root, dataset, split)
-
-
-def _materialise(sharded: ShardedSplit, ims: Path, caps: Path) -> None:
-    """Write ``sharded`` as a precomp split (captions first, features renamed into place)."""
-    caps.parent.mkdir(parents=True, exist_ok=True)
-    caps.write_text("".join(f"{c}\n" for c in sharded.captions), encoding="utf-8")
-    shape = (sharded.n_images, sharded.regions, sharded.dim)
-
-    def write(tmp: Path) -> None:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=sharded.dtype, shape=shape)
-        for shard in sharded.shards:
-            out[shard.first_image : shard.first_image + shard.rows] = read_shard(sharded, shard)
-        out.flush()
-        del out
-
-    write_atomic(ims, write)
+def manifest_key(split: ShardedSplit) -> str:
+    """A key of the split's content (its manifest): names its copies in the node cache."""
+    return hashlib.sha256(json.dumps(_manifest(split), sort_keys=True).encode()).hexdigest()
 
 
 def write_shards(
@@ -159,8 +116,8 @@ def write_shards(
     has a manifest is never overwritten.
     """
     rows_per_shard = DEFAULT_ROWS_PER_SHARD if rows_per_shard is None else rows_per_shard
-    if dtype not in DTYPES:
-        raise ValueError(f"--dtype {dtype}: must be one of {', '.join(DTYPES)}")
+    if dtype not in FEATURE_DTYPES:
+        raise ValueError(f"--dtype {dtype}: must be one of {', '.join(FEATURE_DTYPES)}")
     if rows_per_shard < 1:
         raise ValueError(f"--rows-per-shard {rows_per_shard}: must be >= 1")
     source = open_split(data_path, dataset, split)
@@ -234,7 +191,7 @@ def open_sharded(data_path: str | Path, dataset: str, split: str) -> ShardedSpli
     """Open and check a sharded split before any work: the manifest, every shard's size and
     ``.npy`` header (shape, dtype), and the captions (checksum and count). Each problem is a
     one-line ``ShardError`` naming the file. Checksums of the shards themselves are checked
-    by ``verify_shards`` and on every read."""
+    by ``verify_shards`` and as each shard lands in a node's cache (``data/cache.py``)."""
     root = split_dir(data_path, dataset, split)
     manifest_path = storage.join(root, MANIFEST)
     if not storage.exists(manifest_path):
@@ -248,7 +205,7 @@ def open_sharded(data_path: str | Path, dataset: str, split: str) -> ShardedSpli
         n_images = int(m["n_images"])
     except (KeyError, TypeError, ValueError) as e:
         raise ShardError(f"{manifest_path}: malformed manifest ({e!r})") from None
-    if dtype not in DTYPES or not shards:
+    if dtype not in FEATURE_DTYPES or not shards:
         raise ShardError(f"{manifest_path}: dtype {dtype!r} or shard list not usable")
     expected = 0
     for shard in shards:
@@ -289,19 +246,10 @@ def _check_header(path: str, shard: Shard, shape: tuple[int, ...], dtype: str) -
 
 def _parse_header(data: bytes, path: str) -> tuple[tuple[int, ...], np.dtype, int]:
     """(shape, dtype, data offset) of an ``.npy`` file's first bytes."""
-    f = io.BytesIO(data)
     try:
-        version = np.lib.format.read_magic(f)
-        read = {(1, 0): np.lib.format.read_array_header_1_0,
-                (2, 0): np.lib.format.read_array_header_2_0}.get(version)  # fmt: skip
-        if read is None:
-            raise ValueError(f".npy format version {version} is not 1.0 or 2.0")
-        shape, fortran, dtype = read(f)
-    except (ValueError, OSError, SyntaxError, EOFError) as e:
-        raise ShardError(f"{path}: not an .npy shard ({e})") from None
-    if fortran:
-        raise ShardError(f"{path}: Fortran-ordered shard")
-    return tuple(shape), dtype, f.tell()
+        return npy_header(io.BytesIO(data), path)
+    except PrecompError as e:
+        raise ShardError(str(e).replace("not an .npy array", "not an .npy shard")) from None
 
 
 def _read_checked_captions(root: str, m: dict, n_images: int) -> list[str]:
@@ -341,7 +289,7 @@ def read_shard(split: ShardedSplit, shard: Shard) -> np.ndarray:
 
 def verify_shards(split: ShardedSplit, progress: Callable[[str], None] | None = None) -> None:
     """Read every shard once and check it as ``read_shard`` does (checksums included), a few
-    at a time: the full check before training, and ``hrem-ray check-data``."""
+    at a time: ``hrem-ray check-data``'s full check."""
     bar = Progress(f"verify {split.root}", split.n_images, progress, unit="images")
     with ThreadPoolExecutor(_READERS) as pool:
         for rows in pool.map(lambda s: len(read_shard(split, s)), split.shards):

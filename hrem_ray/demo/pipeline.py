@@ -29,6 +29,7 @@ import yaml
 
 from hrem_ray.config import HREMConfig
 from hrem_ray.fileio import write_text_atomic
+from hrem_ray.serving.client import wait_ready
 
 STATE_FILE = "demo.json"
 
@@ -224,7 +225,7 @@ class Demo:
 
     def stage_data(self) -> dict[str, Any]:
         from hrem_ray.backbone import write_tiny_bert
-        from hrem_ray.data.synth import write_synthetic
+        from hrem_ray.synth import write_synthetic
 
         p = self.profile
         if p.tiny_bert:
@@ -252,7 +253,8 @@ class Demo:
         return self.config(self.profile.epochs, *sets), options
 
     def _train(self, name: str, *sets: str) -> dict[str, Any]:
-        from hrem_ray.train.ray_train import RayRunOptions, train_ray
+        from hrem_ray.options import RayRunOptions
+        from hrem_ray.train.ray_train import train_ray
 
         self._start_ray()
         cfg, options = self.train_call(name, *sets)
@@ -278,8 +280,9 @@ class Demo:
         return self.config(p.sweep_epochs, "train.bert_lr_factor=0"), options
 
     def stage_sweep(self) -> dict[str, Any]:
+        from hrem_ray.options import RayRunOptions, SweepOptions
         from hrem_ray.tune.space import load_space
-        from hrem_ray.tune.sweep import SweepOptions, run_sweep
+        from hrem_ray.tune.sweep import run_sweep
 
         self._start_ray()
         p = self.profile
@@ -289,7 +292,8 @@ class Demo:
         write_text_atomic(options["space"], yaml.safe_dump(raw, sort_keys=False))
         self.show("tune", cfg, **options)
         space = load_space(options.pop("space"), base=cfg)
-        summary = run_sweep(cfg, space, SweepOptions(**options), log=self.log)
+        options = SweepOptions(run=RayRunOptions(**options))
+        summary = run_sweep(cfg, space, options, log=self.log)
         return {"checkpoint": summary["best"], "trials": summary["trials"],
                 "params": list(p.sweep_params)}  # fmt: skip
 
@@ -333,7 +337,7 @@ class Demo:
                     port=self.options.port)  # fmt: skip
         self.show("serve", **call)
         self.url = run_service(**call)
-        _wait_ready(self.url)
+        wait_ready(self.url)
         return {"url": self.url, "queries": self.example_queries()}
 
     def example_queries(self) -> list[dict[str, Any]]:
@@ -416,20 +420,6 @@ def _post(url: str, body: dict[str, Any], timeout: float = 60) -> dict[str, Any]
                                  headers={"content-type": "application/json"})  # fmt: skip
     with urllib.request.urlopen(req, timeout=timeout) as r:
         return json.loads(r.read())
-
-
-def _wait_ready(url: str, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/readyz", timeout=5) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{url} not ready after {timeout:.0f} s")
-        time.sleep(1)
 
 
 def run_demo(options: DemoOptions, log: Callable[[str], None] = print) -> Path:

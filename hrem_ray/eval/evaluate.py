@@ -11,12 +11,11 @@ import numpy as np
 import torch
 
 from hrem_ray.data.precomp import PrecompSplit
-from hrem_ray.data.shards import local_split
+from hrem_ray.data.source import open_precomp
 from hrem_ray.data.tokenize import CaptionTokenizer
-from hrem_ray.embed import embed_split
-from hrem_ray.eval.encode import similarity
-from hrem_ray.eval.metrics import N_FOLDS, evaluate_fold5, evaluate_sims
-from hrem_ray.fileio import write_atomic
+from hrem_ray.embed import embed_split, embed_split_each
+from hrem_ray.eval.metrics import N_FOLDS, evaluate_fold5, evaluate_sims, similarity
+from hrem_ray.fileio import save_npy_atomic
 from hrem_ray.model import HREM
 
 
@@ -58,12 +57,7 @@ def evaluate_split(
 
 def save_sims(path: str | Path, sims: np.ndarray) -> Path:
     """Write a similarity matrix as .npy, atomically (a reader never sees half a file)."""
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:  # a file object: np.save would add ".npy" to a name
-            np.save(f, sims)
-
-    return write_atomic(path, write)
+    return save_npy_atomic(path, sims)
 
 
 def load_sims(path: str | Path, split: PrecompSplit) -> np.ndarray:
@@ -97,23 +91,17 @@ def evaluate_ensemble(
     (``hrem-ray eval``; one of them: that model alone). Averaging the members' scores is
     the ensemble of the VSE literature (e.g. VSE-infinity, Chen et al. CVPR 2021).
     Saved matrices and the split are checked before any model is loaded."""
-    from hrem_ray.checkpoint import load_checkpoint
-
     if not checkpoints and not sims_files:
         raise ValueError("nothing to evaluate: give --checkpoint or --sims")
-    data = local_split(data_path, dataset, split)
+    data = open_precomp(data_path, dataset, split)
     if fold5:
         _check_fold5(data)
     saved = [load_sims(f, data) for f in sims_files]
     total = np.zeros((data.n_images, data.n_captions), dtype=np.float32)
     for sims in saved:
         total += sims
-    for checkpoint in checkpoints:
-        ck = load_checkpoint(checkpoint, device=device)
-        tokenizer = CaptionTokenizer.from_dir(ck.backbone_dir, max_tokens=ck.config.data.max_tokens)
-        imgs, caps = embed_split(
-            ck.model, data, tokenizer, batch_size=batch_size, device=device, progress=progress
-        )
+    for _, imgs, caps in embed_split_each(checkpoints, data, batch_size=batch_size,
+                                          device=device, progress=progress):  # fmt: skip
         total += similarity(imgs, caps)
     total /= len(saved) + len(checkpoints)
     if save_to is not None:

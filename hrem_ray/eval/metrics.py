@@ -19,6 +19,15 @@ N_FOLDS = 5
 CHUNK_ELEMENTS = 1 << 18
 
 
+def similarity(img_embs: np.ndarray, cap_embs: np.ndarray) -> np.ndarray:
+    """Image-caption scores ``[n_images, n_captions]``: dot products of normalised embeddings."""
+    img = np.asarray(img_embs, dtype=np.float32)
+    cap = np.asarray(cap_embs, dtype=np.float32)
+    if img.ndim != 2 or cap.ndim != 2 or img.shape[1] != cap.shape[1]:
+        raise ValueError(f"embedding shapes {img.shape} and {cap.shape} are incompatible")
+    return img @ cap.T
+
+
 def _check_sims(sims: np.ndarray) -> np.ndarray:
     """Validate a real ``[n, 5n]`` matrix (finiteness is checked chunk by chunk in ``_ranks``)."""
     sims = np.asarray(sims)

@@ -34,12 +34,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hrem_ray import storage
-from hrem_ray.checkpoint import load_checkpoint, read_record
+from hrem_ray.checkpoint import read_record
 from hrem_ray.data.precomp import CAPTIONS_PER_IMAGE
-from hrem_ray.data.shards import local_split
-from hrem_ray.data.tokenize import CaptionTokenizer
-from hrem_ray.embed import embed_split, ensemble_embedding, model_id
-from hrem_ray.eval.encode import check_batch_size
+from hrem_ray.data.source import open_precomp
+from hrem_ray.embed import check_batch_size, embed_split_each, ensemble_embedding, model_id
 from hrem_ray.index.ivf import (
     DEFAULT_NPROBE,
     RECALL_K,
@@ -88,16 +86,14 @@ def build_gallery(
         raise ValueError("no checkpoint to build the gallery with")
     check_batch_size(batch_size)  # before minutes of loading, not as a range() error
     storage.check_access(out)
-    data = local_split(data_path, dataset, split)
+    data = open_precomp(data_path, dataset, split)
     _check_options(dtype, ivf, nprobe, data.n_images)  # before minutes of encoding
     for path in checkpoints:  # every one, before the first is encoded
         read_record(path)
     image_parts, caption_parts, models = [], [], []
-    for path in checkpoints:
-        ck = load_checkpoint(path, device=device)
-        tokenizer = CaptionTokenizer.from_dir(ck.backbone_dir, max_tokens=ck.config.data.max_tokens)
-        imgs, caps = embed_split(ck.model, data, tokenizer, batch_size=batch_size, device=device,
-                                 progress=progress)  # fmt: skip
+    embedded = embed_split_each(checkpoints, data, batch_size=batch_size, device=device,
+                                progress=progress)  # fmt: skip
+    for path, (ck, imgs, caps) in zip(checkpoints, embedded, strict=True):
         image_parts.append(imgs)
         caption_parts.append(caps)
         models.append({"checkpoint": storage.absolute(path), "dim": int(imgs.shape[1]),

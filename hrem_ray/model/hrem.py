@@ -34,7 +34,8 @@ class Encoded:
 @dataclass
 class LossOutput:
     total: Tensor
-    parts: dict[str, float]  # detached floats, for logging
+    # Detached 0-dim tensors, for logging: read them (a host sync each) only when logging.
+    parts: dict[str, Tensor]
 
 
 class HREM(nn.Module):
@@ -44,6 +45,23 @@ class HREM(nn.Module):
         self.img_enc = ImageEncoder(cfg)
         self.txt_enc = TextEncoder(cfg, bert)
         self.relation = InstanceRelation(cfg)
+
+    def enable_grad_checkpoint(self) -> None:
+        """Recompute BERT's layers and the fusion Transformer in backward instead of keeping
+        their activations: memory for a larger global batch, which the relation graph gains
+        from (docs/method.md §4). Dropout masks are replayed, so the result is unchanged."""
+        bert, kwargs = self.txt_enc.bert, {"use_reentrant": False}
+        if hasattr(bert, "activation_checkpointing_enable"):  # transformers >= 5.x
+            bert.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            bert.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        self.relation.grad_checkpoint = True
+
+    def compile_towers(self) -> None:
+        """``torch.compile`` both towers in place (state_dict keys unchanged); the relation
+        module stays eager: its graph depends on the data (top-k thresholds)."""
+        self.img_enc.compile()
+        self.txt_enc.compile()
 
     def embed_images(self, images: Tensor, lengths: Tensor) -> Tensor:
         return self.img_enc(images, lengths)[0]
@@ -88,7 +106,7 @@ def hrem_loss(
 
     base = loss(cfg.base_loss, enc.v, enc.t)
     if not relation_active(cfg, iteration):
-        return LossOutput(base, {"loss": base.item(), "base": base.item()})
+        return LossOutput(base, {"loss": base.detach(), "base": base.detach()})
     rel = model.relation(enc.v, enc.t, enc.regions, enc.words, enc.token_lengths)
     kind = cfg.relation_loss
     cross = (
@@ -103,7 +121,7 @@ def hrem_loss(
         "kl": cfg.kl_weight * rel.kl,
     }
     total = sum(terms.values())
-    parts = {"loss": total.item(), **{k: v.item() for k, v in terms.items()}}
+    parts = {"loss": total.detach(), **{k: v.detach() for k, v in terms.items()}}
     return LossOutput(total, parts)
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from hrem_ray.config import ModelConfig
 from hrem_ray.model.encoders import l2norm, length_mask, transformer_encoder
@@ -152,6 +153,7 @@ class InstanceRelation(nn.Module):
         # (regions, words, word_lengths, **kw) -> FragmentScores over the whole batch;
         # ``wrap_ddp`` swaps in the version that shards the captions across workers.
         self.score_fragments: Callable[..., FragmentScores] = fragment_scores
+        self.grad_checkpoint = False  # recompute the fusion layers in backward (HREM method)
 
     def attention_mask(
         self, v: Tensor, t: Tensor, frags: FragmentScores
@@ -190,6 +192,10 @@ class InstanceRelation(nn.Module):
             chunk=self.cfg.frag_chunk,
         )
         mask, r_i2t, r_t2i = self.attention_mask(v, t, frags)
-        fused = self.fusion(torch.cat([v, t])[None], mask=mask)[0]
+        nodes = torch.cat([v, t])[None]
+        if self.grad_checkpoint and torch.is_grad_enabled():
+            fused = checkpoint(self.fusion, nodes, mask=mask, use_reentrant=False)[0]
+        else:
+            fused = self.fusion(nodes, mask=mask)[0]
         v_hat, t_hat = fused.split([v.shape[0], t.shape[0]])
         return RelationOutput(l2norm(v_hat), l2norm(t_hat), relation_kl(r_i2t, r_t2i, v, t), mask)

@@ -85,9 +85,7 @@ class Member:
     def __post_init__(self) -> None:
         ck = load_checkpoint(self.checkpoint, device=self.device)
         self.model = ck.model
-        self.tokenizer = CaptionTokenizer.from_dir(
-            ck.backbone_dir, max_tokens=ck.config.data.max_tokens
-        )
+        self.tokenizer = ck.tokenizer()
         self.img_dim = ck.config.model.img_dim
         self.embed_dim = ck.config.model.embed_size
         self.model_id = model_id(ck.model)

@@ -87,8 +87,9 @@ def gather_encoded(enc: Encoded, image_ids: Tensor) -> tuple[Encoded, Tensor]:
     sizes = torch.tensor([b, n, enc.words.shape[1]], device=enc.v.device)
     gathered = [torch.empty_like(sizes) for _ in range(world_size())]
     dist.all_gather(gathered, sizes)
-    counts = [int(s[0]) for s in gathered]
-    bmax, nmax, lmax = (int(m) for m in torch.stack(gathered).amax(0))
+    every = torch.stack(gathered).tolist()  # one host read, not one per number
+    counts = [s[0] for s in every]
+    bmax, nmax, lmax = (max(col) for col in zip(*every, strict=True))
 
     dims = [enc.v.shape[1], enc.t.shape[1]]
     vt = _gather_rows(torch.cat([enc.v, enc.t], dim=1), counts, (bmax, sum(dims)), True)
@@ -150,6 +151,10 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
     sums (two passes, like BatchNorm, rather than sum of squares, for accuracy), and the
     running statistics are updated as BatchNorm does (unbiased variance, ``momentum``).
     A training-mode forward is then a collective: every worker must call it.
+
+    Statistics are computed in float32 (float64 input stays float64) and the output is cast
+    back to the input's dtype, as BatchNorm does under autocast: a bf16 row count would round
+    3,500 rows to 3,504, and bf16 sums lose the mean's digits.
     """
 
     def forward(self, x: Tensor) -> Tensor:
@@ -159,18 +164,19 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
         self._check_input_dim(x)
         dims = [0, *range(2, x.dim())]
         shape = [1, -1] + [1] * (x.dim() - 2)
-        local = torch.cat([x.sum(dims), x.new_tensor([x.numel() // x.shape[1]])])
-        total = dist_fn.all_reduce(local)
+        xs = x if x.dtype == torch.float64 else x.float()
+        rows = torch.full((1,), x.numel() // x.shape[1], dtype=xs.dtype, device=x.device)
+        total = dist_fn.all_reduce(torch.cat([xs.sum(dims), rows]))
         n = total[-1].detach()
         mean = total[:-1] / n
-        centred = x - mean.view(shape)
+        centred = xs - mean.view(shape)
         var = dist_fn.all_reduce((centred * centred).sum(dims)) / n
         y = centred * torch.rsqrt(var + self.eps).view(shape)
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)
         if self.training and self.track_running_stats:
             self._update_running_stats(mean.detach(), var.detach() * n / (n - 1))
-        return y
+        return y.to(x.dtype)
 
     @torch.no_grad()
     def _update_running_stats(self, mean: Tensor, unbiased_var: Tensor) -> None:
@@ -205,10 +211,36 @@ def sync_batchnorm(model: nn.Module) -> nn.Module:
     return model
 
 
-def _average_grad(param: Tensor) -> None:
-    if world_size() > 1:
-        dist.all_reduce(param.grad)
-        param.grad.div_(world_size())
+class _GradAverager:
+    """Averages the gradients of parameters DDP ignores (the relation module's) across ranks
+    in one flattened all-reduce at the end of each backward pass, rather than one blocking
+    all-reduce per parameter (about 20). The first gradient of a backward queues the flush,
+    as DDP's own reducer does; every rank computes the same graph, so every rank flushes the
+    same parameters, in their registration order."""
+
+    def __init__(self, params: list[nn.Parameter]):
+        self.order = {id(p): i for i, p in enumerate(params)}
+        self.pending: list[nn.Parameter] = []
+        for param in params:
+            param.register_post_accumulate_grad_hook(self._ready)
+
+    def _ready(self, param: nn.Parameter) -> None:
+        if not self.pending:
+            torch.autograd.Variable._execution_engine.queue_callback(self._flush)
+        self.pending.append(param)
+
+    def _flush(self) -> None:
+        params = sorted(self.pending, key=lambda p: self.order[id(p)])
+        self.pending = []
+        if world_size() == 1:
+            return
+        grads = [p.grad for p in params]
+        flat = torch._utils._flatten_dense_tensors(grads)
+        dist.all_reduce(flat)
+        flat.div_(world_size())
+        for grad, averaged in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads),
+                                  strict=True):  # fmt: skip
+            grad.copy_(averaged)
 
 
 def wrap_ddp(model: HREM, **ddp_kwargs) -> DistributedDataParallel:
@@ -222,10 +254,14 @@ def wrap_ddp(model: HREM, **ddp_kwargs) -> DistributedDataParallel:
       DDP marks it unused at the end of forward and then fails when its gradients arrive
       ("marked ready twice"); without, its unused warm-up iterations (and the unused
       ``bns.1``) leave DDP's reduction unfinished. So DDP ignores its parameters; they are
-      broadcast from rank 0 here, and a post-accumulate-grad hook averages their gradients
-      across ranks (identical already when every rank draws the same dropout masks; the
-      average keeps the replicas in sync when they do not).
-    - ``find_unused_parameters=True`` (overridable): ``bns.1`` never gets a gradient.
+      broadcast from rank 0 here, and their gradients are averaged across ranks in one
+      all-reduce per backward (:class:`_GradAverager`; identical already when every rank
+      draws the same dropout masks, the average keeps the replicas in sync when they do not).
+    - DDP ignores the one unused tower module, ``bns.1`` (docs/method.md §3: the reference
+      creates it and never calls it), so ``find_unused_parameters`` can stay off: no graph
+      walk after every forward.
+    - ``broadcast_buffers`` is off: the BatchNorm statistics are global already (every rank
+      gets the same all-reduced numbers) and BERT's buffers are constants.
     - The fragment scores of the relation module are sharded across the workers
       (:func:`sharded_fragment_scores`).
     """
@@ -233,12 +269,14 @@ def wrap_ddp(model: HREM, **ddp_kwargs) -> DistributedDataParallel:
     model.relation.score_fragments = sharded_fragment_scores
     relation = [f"relation.{name}" for name, _ in model.relation.named_parameters()]
     relation += [f"relation.{name}" for name, _ in model.relation.named_buffers()]
-    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, relation)
+    unused = [
+        f"img_enc.fc.mlp.bns.1.{name}" for name, _ in model.img_enc.fc.mlp.bns[1].named_parameters()
+    ]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, relation + unused)
     with torch.no_grad():
         for tensor in [*model.relation.parameters(), *model.relation.buffers()]:
             dist.broadcast(tensor, src=0)
-    for param in model.relation.parameters():
-        if param.requires_grad:
-            param.register_post_accumulate_grad_hook(_average_grad)
-    ddp_kwargs.setdefault("find_unused_parameters", True)
+    _GradAverager([p for p in model.relation.parameters() if p.requires_grad])
+    ddp_kwargs.setdefault("find_unused_parameters", False)
+    ddp_kwargs.setdefault("broadcast_buffers", False)
     return DistributedDataParallel(model, **ddp_kwargs)

@@ -1,5 +1,6 @@
 """Single-process training (``hrem-ray train --local``): the loop without Ray, for debugging
-and as the baseline the Ray runs are measured against."""
+and as the baseline the Ray runs are measured against: it trains on the same batches as a
+1-worker Ray run with the same seed, from any kind of split (``data/source.py``)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,7 @@ from pathlib import Path
 
 from hrem_ray import storage
 from hrem_ray.config import HREMConfig
-from hrem_ray.data.batches import train_batches
-from hrem_ray.data.shards import ShardedSplit
+from hrem_ray.data.source import encoded
 from hrem_ray.train.history import write_history
 from hrem_ray.train.loop import EpochReport, fit
 from hrem_ray.train.setup import (
@@ -42,9 +42,6 @@ def train_local(
     check_new_run(run_dir, resume)
     cfg = resolve_config(cfg)
     train = check_data(cfg)
-    if isinstance(train, ShardedSplit):
-        raise ValueError(f"{train.root} is a sharded split: train on it with Ray Train "
-                         "(`hrem-ray train` without --local)")  # fmt: skip
     data = cfg.data
     last = storage.join(run_dir, "last")
     with tempfile.TemporaryDirectory(prefix="hrem-run-") as tmp:
@@ -52,17 +49,19 @@ def train_local(
         resume_from = (
             storage.fetch_dir(last, "checkpoint") if resume and storage.exists(last) else None
         )
+        if resume_from is None:  # shards download while the model is built
+            train.prefetch(seed=cfg.train.seed, epoch=0)
         trainee = build_trainee(cfg, device, resume_from)
         if trainee.state is not None:
             log(f"resumed from {last} at epoch {trainee.state.epoch + 1}")
-        log(
-            f"training on {train.n_captions} pairs ({train.n_images} images); "
-            f"{cfg.train.epochs} epochs of batch {cfg.train.batch_size}"
-        )
+        log(f"training on {train.describe()}")
+        log(f"{cfg.train.epochs} epochs of {train.steps_per_epoch(cfg.train.batch_size)} "
+            f"steps of batch {cfg.train.batch_size}")  # fmt: skip
+        tokens = encoded(train.captions, trainee.tokenizer)
 
         def epoch_batches(epoch: int):
-            return train_batches(
-                train, trainee.tokenizer, cfg.train.batch_size, seed=cfg.train.seed,
+            return train.batches(
+                tokens, trainee.tokenizer, cfg.train.batch_size, seed=cfg.train.seed,
                 epoch=epoch, region_keep=data.region_keep, word_aug=data.word_aug,
             )  # fmt: skip
 

@@ -13,16 +13,18 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
-from hrem_ray.config import HREMConfig
+from hrem_ray.config import HREMConfig, TrainConfig
 from hrem_ray.data.batches import Batch
 from hrem_ray.model import Encoded, hrem_loss
+from hrem_ray.train.distributed import world_size
 from hrem_ray.train.optim import set_epoch_lr
 
 # (local encodings, local image ids) -> (global encodings, global image ids)
@@ -33,6 +35,65 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def sampler_seed(seed: int, epoch: int) -> int:
+    """The negative sampler's seed for ``epoch``: ``fit`` re-seeds the generator with it at
+    every epoch start, so a run resumed from an epoch's checkpoint continues the same stream
+    on any device without carrying the generator's state, which does not transfer between
+    device kinds (a CPU generator's state is 5,056 bytes, a CUDA one's 16). Every rank draws
+    the same negatives of the global batch."""
+    return int(np.random.SeedSequence([seed, epoch, 0x5A3]).generate_state(1)[0])
+
+
+def agreed_finite(loss: Tensor) -> bool:
+    """Whether the loss is finite on every rank: one MAX all-reduce of a flag, so that all
+    ranks skip a step together. A rank skipping alone (its relation dropout can give it a
+    NaN the others do not see) would leave the others waiting in DDP's gradient all-reduce
+    until NCCL's watchdog ends the job. The one host sync of a step."""
+    bad = (~torch.isfinite(loss.detach())).to(torch.int32).reshape(1)
+    if world_size() > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return not bool(bad)
+
+
+def to_device(batch: Batch, device: torch.device | str, *, pin: bool = False) -> Batch:
+    """``batch`` on ``device``. On CUDA with ``pin``, copied from page-locked host memory
+    without blocking, so the training thread queues the step's kernels while it transfers
+    (a pageable copy blocks the thread until it is done)."""
+    device = torch.device(device)
+    if device.type != "cuda" or not pin:
+        return batch.to(device)
+    moved = {}
+    for f in fields(batch):
+        t = getattr(batch, f.name)
+        if t.device.type == "cpu" and not t.is_pinned():
+            t = t.pin_memory()
+        moved[f.name] = t.to(device, non_blocking=True)
+    return Batch(**moved)
+
+
+def apply_train_keys(model: nn.Module, cfg: TrainConfig) -> None:
+    """Turn on the model-side speed keys (``grad_checkpoint``, ``compile``) of ``cfg`` on the
+    bare HREM module, in place; ``model`` may be a DDP wrapper. Both leave the numbers
+    unchanged to float tolerance (tests/test_train_speed_keys.py)."""
+    core = getattr(model, "module", model)
+    if cfg.grad_checkpoint:
+        core.enable_grad_checkpoint()
+    if cfg.compile:
+        core.compile_towers()
+
+
+@contextlib.contextmanager
+def tf32_matmuls(enabled: bool) -> Iterator[None]:
+    """TF32 for CUDA matmuls and cuDNN inside the block (about 1e-3 relative error, so off
+    unless asked for), the previous settings restored after it."""
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
 @dataclass
@@ -71,8 +132,10 @@ def train_step(
     generator: torch.Generator | None = None,
     gather: Gather | None = None,
     epoch: int | None = None,
-) -> dict[str, float] | None:
-    """One optimisation step; returns the loss parts, or None when a non-finite loss skipped it.
+) -> dict[str, Tensor] | None:
+    """One optimisation step; returns the loss parts and the pre-clip gradient norm as
+    detached 0-dim tensors (read them only to log: each read is a host sync), or None when a
+    non-finite loss on any rank skipped the step on every rank.
 
     ``model`` may be a DDP wrapper; the loss always runs on the bare HREM module. ``epoch``
     drives the VSE++ warm-up (None: past it).
@@ -88,13 +151,13 @@ def train_step(
             enc, image_ids = gather(enc, image_ids)
         out = hrem_loss(core, enc, image_ids, iteration, generator, epoch=epoch)
     optimizer.zero_grad(set_to_none=True)
-    if not torch.isfinite(out.total):
+    if not agreed_finite(out.total):
         return None
     out.total.backward()
     params = [p for p in model.parameters() if p.grad is not None]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
     optimizer.step()
-    return {**out.parts, "grad_norm": float(grad_norm)}
+    return {**out.parts, "grad_norm": grad_norm.detach()}
 
 
 def train_epoch(
@@ -109,8 +172,10 @@ def train_epoch(
     gather: Gather | None = None,
     log: Callable[[str], None] | None = print,
 ) -> dict[str, float]:
-    """Run one epoch, advancing ``state.iteration``; returns mean loss parts and timings."""
-    sums: dict[str, float] = {}
+    """Run one epoch, advancing ``state.iteration``; returns mean loss parts and timings.
+
+    The parts are summed on the device and read once at the end (and at progress lines)."""
+    sums: dict[str, Tensor] = {}
     steps = skipped = samples = 0
     wait = first = 0.0
     start = tick = time.perf_counter()
@@ -118,7 +183,8 @@ def train_epoch(
         wait += time.perf_counter() - tick
         first = first or wait  # a pipeline's start-up: reading a shard split starts one per epoch
         parts = train_step(
-            model, batch.to(device), optimizer, state.iteration, cfg,
+            model, to_device(batch, device, pin=cfg.train.pin_memory), optimizer,
+            state.iteration, cfg,
             generator=generator, gather=gather, epoch=state.epoch,
         )  # fmt: skip
         if parts is None:
@@ -127,17 +193,19 @@ def train_epoch(
             steps += 1
             state.iteration += 1
             for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + v
+                sums[k] = sums[k] + v.double() if k in sums else v.double()
         samples += len(batch)
         if log and parts is not None and steps % cfg.train.log_every == 0:
             log(
                 f"epoch {state.epoch + 1} step {steps} iter {state.iteration} "
-                f"loss {sums['loss'] / steps:.4f} ({samples / (time.perf_counter() - start):.1f} "
+                f"loss {float(sums['loss']) / steps:.4f} "
+                f"({samples / (time.perf_counter() - start):.1f} "
                 "samples/s)"
             )
         tick = time.perf_counter()
     seconds = time.perf_counter() - start
-    metrics = {f"train_{k}": v / max(steps, 1) for k, v in sums.items()}
+    means = torch.stack(list(sums.values())).div(max(steps, 1)).tolist() if sums else []
+    metrics = {f"train_{k}": v for k, v in zip(sums, means, strict=True)}
     metrics.update(
         steps=steps,
         skipped_steps=skipped,
@@ -169,10 +237,13 @@ def fit(
     on the test split). ``report`` is where checkpoints get written.
     """
     state = state or TrainState()
-    with flush_denormals(cfg.train.flush_denormal):
+    apply_train_keys(model, cfg.train)
+    with flush_denormals(cfg.train.flush_denormal), tf32_matmuls(cfg.train.tf32):
         while state.epoch < cfg.train.epochs:
             epoch = state.epoch
             factor = set_epoch_lr(optimizer, epoch, cfg.train)
+            if generator is not None:
+                generator.manual_seed(sampler_seed(cfg.train.seed, epoch))
             metrics = train_epoch(
                 model, epoch_batches(epoch), optimizer, state, cfg,
                 device=device, generator=generator, gather=gather, log=log,
@@ -222,27 +293,40 @@ def _epoch_line(epoch: int, epochs: int, m: dict[str, Any], is_best: bool) -> st
     return line
 
 
+def rng_state(device: torch.device | str) -> dict[str, Tensor]:
+    """The global RNG states a resume needs: torch's CPU one, and the CUDA one of the training
+    device itself (``torch.cuda.get_rng_state()`` alone reads the *current* device, which is
+    not the training one under ``--device cuda:1``)."""
+    rng = {"torch": torch.get_rng_state()}
+    device = torch.device(device)
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    return rng
+
+
+def set_rng_state(rng: dict[str, Tensor], device: torch.device | str) -> None:
+    """Restore :func:`rng_state`; a CUDA state only onto a CUDA training device."""
+    torch.set_rng_state(rng["torch"])
+    device = torch.device(device)
+    if "cuda" in rng and device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], device)
+
+
 def train_state_dict(
     optimizer: torch.optim.Optimizer, state: TrainState, generator: torch.Generator | None
 ) -> dict[str, Any]:
     """Everything besides the weights that resuming needs; tensors and plain containers only,
-    so it loads with ``torch.load(weights_only=True)``."""
-    rng = {"torch": torch.get_rng_state()}
-    if generator is not None:
-        rng["sampler"] = generator.get_state()
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    return {"optimizer": optimizer.state_dict(), "state": state.to_dict(), "rng": rng}
+    so it loads with ``torch.load(weights_only=True)``. ``generator`` (the sampler's, on the
+    training device) names the device; its state is not saved (:func:`sampler_seed`)."""
+    device = generator.device if generator is not None else torch.device("cpu")
+    return {"optimizer": optimizer.state_dict(), "state": state.to_dict(), "rng": rng_state(device)}
 
 
 def restore_train_state(
     saved: dict[str, Any], optimizer: torch.optim.Optimizer, generator: torch.Generator | None
 ) -> TrainState:
+    """Load what :func:`train_state_dict` saved, on any device kind. A ``sampler`` state in
+    older checkpoints is ignored: ``fit`` re-seeds the sampler at every epoch start."""
     optimizer.load_state_dict(saved["optimizer"])
-    rng = saved["rng"]
-    torch.set_rng_state(rng["torch"])
-    if generator is not None and "sampler" in rng:
-        generator.set_state(rng["sampler"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["cuda"])
+    set_rng_state(saved["rng"], generator.device if generator is not None else "cpu")
     return TrainState.from_dict(saved["state"])

@@ -13,28 +13,28 @@ import contextlib
 import os
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import ray
 import torch
 import torch.distributed as dist
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import (
+    Checkpoint,
+    CheckpointConfig,
+    DataConfig,
+    FailureConfig,
+    RunConfig,
+    ScalingConfig,
+)
 from ray.train.torch import TorchTrainer
 
 from hrem_ray import storage
 from hrem_ray.checkpoint import copy_checkpoint, load_train_state
 from hrem_ray.config import HREMConfig
-from hrem_ray.data.precomp import PrecompSplit
-from hrem_ray.data.ray_data import (
-    data_error,
-    pairs_dataset,
-    shard_batches,
-    sharded_batches,
-    steps_per_epoch,
-)
-from hrem_ray.data.shards import ShardedSplit, open_training_split, verify_shards
+from hrem_ray.data.ray_data import data_error, pairs_dataset
+from hrem_ray.data.source import open_source, token_lookup
+from hrem_ray.options import RayRunOptions
 from hrem_ray.ray_runtime import LineRelay
 from hrem_ray.train.distributed import gather_encoded, world_size, wrap_ddp
 from hrem_ray.train.history import write_history
@@ -51,20 +51,6 @@ from hrem_ray.train.setup import (
 )
 
 METRIC = "rsum"  # dev rsum: checkpoint ranking and model selection
-
-
-@dataclass
-class RayRunOptions:
-    """How a run maps onto the cluster (not part of the model's config)."""
-
-    storage_path: str = "runs"  # a local folder, NFS, or a URI (s3://, gs://): docs/storage.md
-    name: str = "hrem"
-    num_workers: int = 2
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    max_failures: int = 2
-    keep_checkpoints: int = 2
-    resume: bool = False
 
 
 def _broadcast(obj: Any) -> Any:
@@ -84,6 +70,10 @@ def train_worker(config: dict[str, Any]) -> None:
     rank, workers = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     checkpoint = ray.train.get_checkpoint()
+    data = cfg.data
+    train = open_source(data.data_path, data.dataset, data.train_split, data.cache_limit)
+    if checkpoint is None:  # shards download while the model is built (a resumed run: later)
+        train.prefetch(seed=cfg.train.seed, epoch=0)
     with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as resume_from:
         trainee = build_trainee(cfg, device, resume_from)
     wrapped = trainee.model
@@ -91,26 +81,15 @@ def train_worker(config: dict[str, Any]) -> None:
         ids = [device.index] if device.type == "cuda" else None
         wrapped = wrap_ddp(trainee.model, device_ids=ids)
 
-    data = cfg.data
-    train = open_training_split(data.data_path, data.dataset, data.train_split)
-    local_batch = cfg.train.batch_size // workers
-    steps = steps_per_epoch(train, workers, local_batch)
-    augment = dict(seed=cfg.train.seed, rank=rank, region_keep=data.region_keep,
-                   word_aug=data.word_aug)  # fmt: skip
-    if isinstance(train, ShardedSplit):
+    rows = ray.train.get_dataset_shard("train").iter_batches(batch_format="numpy")
+    tokens = token_lookup(rows, train.n_captions)  # every caption's, once per run
 
-        def epoch_batches(epoch: int):
-            return sharded_batches(
-                train, cfg.model.bert_path, data.max_tokens, local_batch, epoch=epoch,
-                workers=workers, shuffle_buffer=data.shuffle_buffer, **augment,
-            )  # fmt: skip
-    else:
-        shard = ray.train.get_dataset_shard("train")
-
-        def epoch_batches(epoch: int):
-            return shard_batches(
-                shard, train, trainee.tokenizer, local_batch, steps, epoch=epoch, **augment
-            )
+    def epoch_batches(epoch: int):
+        return train.batches(
+            tokens, trainee.tokenizer, cfg.train.batch_size // workers, seed=cfg.train.seed,
+            epoch=epoch, rank=rank, workers=workers, region_keep=data.region_keep,
+            word_aug=data.word_aug,
+        )  # fmt: skip
 
     evaluate_dev = dev_evaluator(trainee, device) if rank == 0 else None
 
@@ -145,6 +124,9 @@ def build_trainer(
     progress lines go to ``log`` (e.g. a ``LineRelay``'s ``send``)."""
     cfg = resolve_config(cfg)
     train = check_data(cfg, options.num_workers)
+    if log:
+        log(f"training on {train.describe()}")
+    storage_path, storage_filesystem = storage.ray_storage(options.storage_path)
     return TorchTrainer(
         train_worker,
         train_loop_config={"hrem": cfg.to_dict(), "log": log},
@@ -155,7 +137,8 @@ def build_trainer(
         ),
         run_config=RunConfig(
             name=options.name,
-            storage_path=storage.absolute(options.storage_path),
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
             checkpoint_config=CheckpointConfig(
                 num_to_keep=options.keep_checkpoints,
                 checkpoint_score_attribute=METRIC,
@@ -164,25 +147,15 @@ def build_trainer(
             failure_config=FailureConfig(max_failures=options.max_failures),
             callbacks=callbacks,
         ),
-        datasets=_datasets(train, cfg),
+        # Every worker reads all the captions' token rows (a few MB): the epoch plan, not
+        # Ray Data's split, decides which pairs a rank trains on (data/plan.py).
+        datasets={
+            "train": pairs_dataset(
+                train.caps_path, train.n_captions, cfg.model.bert_path, cfg.data.max_tokens
+            )
+        },  # fmt: skip
+        dataset_config=DataConfig(datasets_to_split=[]),
     )
-
-
-def _datasets(train: PrecompSplit | ShardedSplit, cfg: HREMConfig) -> dict | None:
-    """The light caption rows of a memory-mapped split; a sharded one is read per epoch by
-    each worker's own pipeline (``data/ray_data.py``)."""
-    if isinstance(train, ShardedSplit):
-        return None
-    return {"train": pairs_dataset(train, cfg.model.bert_path, cfg.data.max_tokens)}
-
-
-def check_shards(cfg: HREMConfig, log: Callable[[str], None] | None = None) -> None:
-    """Read a sharded train split once and check every shard's checksum, before any worker
-    starts (a memory-mapped split is checked batch by batch instead)."""
-    data = resolve_config(cfg).data
-    train = open_training_split(data.data_path, data.dataset, data.train_split)
-    if isinstance(train, ShardedSplit):
-        verify_shards(train, log)
 
 
 def train_ray(
@@ -192,7 +165,6 @@ def train_ray(
     inside the run's storage, local or a URI, next to the run's metrics files."""
     path = run_path(options.storage_path, options.name)
     check_new_run(path, options.resume)
-    check_shards(cfg, log)
     with LineRelay(log) as relay:
         try:
             result = build_trainer(cfg, options, log=relay.send).fit()

@@ -16,8 +16,7 @@ from hrem_ray import storage
 from hrem_ray.backbone import default_bert_path
 from hrem_ray.checkpoint import load_train_state, load_weights, save_checkpoint
 from hrem_ray.config import HREMConfig
-from hrem_ray.data.precomp import PrecompSplit
-from hrem_ray.data.shards import ShardedSplit, local_split, open_training_split
+from hrem_ray.data.source import TrainingSource, open_precomp, open_source
 from hrem_ray.data.tokenize import CaptionTokenizer
 from hrem_ray.eval.evaluate import evaluate_split, flat_metrics
 from hrem_ray.model import HREM, build_model
@@ -48,18 +47,17 @@ def resolve_config(cfg: HREMConfig) -> HREMConfig:
     return cfg
 
 
-def check_data(cfg: HREMConfig, num_workers: int = 1) -> PrecompSplit | ShardedSplit:
-    """Check the batch split and the train and dev splits (headers, shapes, caption counts:
-    no feature is read) before any worker starts; returns the train split, memory-mapped
-    or sharded (``data/shards.py``)."""
+def check_data(cfg: HREMConfig, num_workers: int = 1) -> TrainingSource:
+    """Check the batch split and the train and dev splits (headers, shard sizes, captions:
+    no feature is read) before any worker starts; returns the train split's source."""
     if cfg.train.batch_size % num_workers:
         raise ValueError(
             f"train.batch_size={cfg.train.batch_size} must be divisible by "
             f"--num-workers={num_workers} (it is the global batch)"
         )
     data = cfg.data
-    train = open_training_split(data.data_path, data.dataset, data.train_split)
-    open_training_split(data.data_path, data.dataset, data.val_split)
+    train = open_source(data.data_path, data.dataset, data.train_split, data.cache_limit)
+    open_source(data.data_path, data.dataset, data.val_split, data.cache_limit)
     if train.n_captions < cfg.train.batch_size:
         raise ValueError(
             f"{train.caps_path}: {train.n_captions} captions, fewer than one batch of "
@@ -105,7 +103,7 @@ def dev_evaluator(
 ) -> Callable[[nn.Module], dict[str, float]]:
     """Dev-split evaluation for model selection (the authors selected on test)."""
     cfg = trainee.cfg
-    dev = local_split(cfg.data.data_path, cfg.data.dataset, cfg.data.val_split)
+    dev = open_precomp(cfg.data.data_path, cfg.data.dataset, cfg.data.val_split)
 
     def evaluate(model: nn.Module) -> dict[str, float]:
         result = evaluate_split(model, dev, trainee.tokenizer,

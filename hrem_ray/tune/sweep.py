@@ -14,8 +14,8 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,8 @@ from hrem_ray.checkpoint import (
 )
 from hrem_ray.config import HREMConfig
 from hrem_ray.eval.evaluate import evaluate_ensemble
-from hrem_ray.train.ray_train import METRIC, RayRunOptions, build_trainer, check_shards
+from hrem_ray.options import RayRunOptions, SweepOptions
+from hrem_ray.train.ray_train import METRIC, build_trainer
 from hrem_ray.train.setup import check_data, check_new_run, resolve_config, run_path
 from hrem_ray.tune.space import SearchSpace, check_relation_knobs_active
 
@@ -41,20 +42,6 @@ CHECKPOINT_PATH = "checkpoint_path"  # key TuneReportCallback adds to the report
 ENSEMBLE = "ensemble"  # <sweep>/ensemble/: the top-K trials' checkpoints and ENSEMBLE_JSON
 ENSEMBLE_JSON = "ensemble.json"
 ENSEMBLE_FORMAT = "hrem-ray-ensemble"
-
-
-@dataclass
-class SweepOptions:
-    storage_path: str = "runs"
-    name: str = "sweep"
-    num_workers: int = 1  # Ray Train workers per trial
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    max_concurrent_trials: int | None = None  # default: what the cluster can hold
-    resume: bool = False
-    verbose: bool = False  # Tune's own status tables, besides our per-epoch lines
-    allow_inactive: bool = False  # run even if searched relation knobs cannot act in time
-    ensemble_top: int = 0  # K >= 2: also export the ensemble of the top-K trials; 0: none
 
 
 def concurrency(options: SweepOptions, space: SearchSpace) -> int:
@@ -65,11 +52,11 @@ def concurrency(options: SweepOptions, space: SearchSpace) -> int:
     """
     if options.max_concurrent_trials or space.max_concurrent_trials:
         return int(options.max_concurrent_trials or space.max_concurrent_trials)
-    resources = ray.cluster_resources()
-    by_cpu = (resources.get("CPU", 1) - 1) / (options.num_workers * options.cpus_per_worker)
+    resources, run = ray.cluster_resources(), options.run
+    by_cpu = (resources.get("CPU", 1) - 1) / (run.num_workers * run.cpus_per_worker)
     fit = by_cpu
-    if options.use_gpu:
-        fit = min(fit, resources.get("GPU", 0) / options.num_workers)
+    if run.use_gpu:
+        fit = min(fit, resources.get("GPU", 0) / run.num_workers)
     return max(1, math.floor(fit))
 
 
@@ -90,10 +77,11 @@ def _run_trial(sampled: dict[str, Any], base: dict[str, Any], options: dict[str,
 
 
 class EpochLines(tune.Callback):
-    """One console line per trial epoch, printed by the sweep's driver."""
+    """One console line per trial epoch and one per finished trial, printed by the sweep's
+    driver; ``total`` is the sweep's number of trials, ``epochs`` each trial's full run."""
 
-    def __init__(self, log: Callable[[str], None]) -> None:
-        self.log = log
+    def __init__(self, log: Callable[[str], None], total: int, epochs: int) -> None:
+        self.log, self.total, self.epochs = log, total, epochs
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         if METRIC in result and "epoch" in result:
@@ -104,8 +92,29 @@ class EpochLines(tune.Callback):
             )
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        self.log(f"trial {trial.trial_id} finished ({sum(t.is_finished() for t in trials)}/"
-                 f"{len(trials)} done)")  # fmt: skip
+        # Tune calls this before it marks ``trial`` finished, and ``trials`` holds only the
+        # trials created so far. Fewer epochs than the run's: ASHA stopped it (as the table).
+        done = 1 + sum(t.is_finished() for t in trials if t is not trial)
+        ran = int((trial.last_result or {}).get("epoch", -1)) + 1
+        status = "stopped early" if ran < self.epochs else "finished"
+        self.log(f"trial {trial.trial_id} {status} ({done}/{self.total} done)")
+
+
+@contextmanager
+def _quiet_tune_console() -> Iterator[None]:
+    """Tune's default console engine prints an experiment-configuration box and a TensorBoard
+    hint pointing into Ray's session folder (not the sweep's) at any verbosity; its legacy
+    engine prints neither (at ``verbose=1`` its status tables), and the trial folders keep
+    their TensorBoard events. Tune reads the switch when ``fit()`` starts."""
+    before = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["RAY_AIR_NEW_OUTPUT"]
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = before
 
 
 def _searcher(space: SearchSpace, metric: str):
@@ -132,7 +141,7 @@ def _scheduler(space: SearchSpace, epochs: int):
 
 
 def sweep_dir(options: SweepOptions) -> str:
-    return run_path(options.storage_path, options.name)
+    return run_path(options.run.storage_path, options.run.name)
 
 
 def run_sweep(
@@ -142,30 +151,34 @@ def run_sweep(
     *,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Run (or, with ``options.resume``, continue) a sweep; returns the summary."""
+    """Run (or, with ``options.run.resume``, continue) a sweep; returns the summary."""
     path = sweep_dir(options)
     space.check(cfg)  # before any trial: every value valid on top of this config
-    if options.ensemble_top:
+    if options.ensemble_top is not None:
         check_ensemble_top(options.ensemble_top, max_trials(space))
-    check_new_run(path, options.resume, "sweep")
+    check_new_run(path, options.run.resume, "sweep")
     cfg = resolve_config(cfg)
-    train = check_data(cfg, options.num_workers)
-    check_shards(cfg, log)
+    train = check_data(cfg, options.run.num_workers)
     if not options.allow_inactive:
         check_relation_knobs_active(space, cfg, train.n_captions)
     trial_options = {
         "storage_path": storage.join(path, "trials"),
-        "num_workers": options.num_workers,
-        "use_gpu": options.use_gpu,
-        "cpus_per_worker": options.cpus_per_worker,
+        "num_workers": options.run.num_workers,
+        "use_gpu": options.run.use_gpu,
+        "cpus_per_worker": options.run.cpus_per_worker,
     }
     trainable = tune.with_resources(
         tune.with_parameters(_run_trial, base=cfg.to_dict(), options=trial_options),
         {"cpu": 0.01},  # the trial driver only waits; its Train workers hold the resources
     )
-    if options.resume and tune.Tuner.can_restore(path):
+    storage_path, storage_filesystem = storage.ray_storage(options.run.storage_path)
+    if options.run.resume and tune.Tuner.can_restore(path):
         log(f"resuming sweep {path}")
-        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
+        inside = path if storage_filesystem is None else f"{storage_path}/{options.run.name}"
+        tuner = tune.Tuner.restore(
+            inside, trainable, resume_unfinished=True, resume_errored=True,
+            storage_filesystem=storage_filesystem,
+        )  # fmt: skip
     else:
         n = concurrency(options, space)
         log(f"sweep {path}: {space.num_samples} sample(s), up to {n} trial(s) at a time")
@@ -181,13 +194,15 @@ def run_sweep(
                 max_concurrent_trials=n,
             ),
             run_config=tune.RunConfig(
-                name=options.name,
-                storage_path=storage.absolute(options.storage_path),
+                name=options.run.name,
+                storage_path=storage_path,
+                storage_filesystem=storage_filesystem,
                 verbose=1 if options.verbose else 0,
-                callbacks=[EpochLines(log)],
+                callbacks=[EpochLines(log, max_trials(space), cfg.train.epochs)],
             ),
         )
-    results = tuner.fit()
+    with _quiet_tune_console():
+        results = tuner.fit()
     summary = summarise(results, list(space.params), cfg.train.epochs, path, log=log)
     if options.ensemble_top:
         summary["ensemble"] = export_ensemble(summary["trials"], options.ensemble_top, path, cfg,

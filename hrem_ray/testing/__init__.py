@@ -1,0 +1,129 @@
+"""The tiny world that tests and benchmarks share: a toy model config, small synthetic data
+sizes, and helpers for the local servers they start (moto S3, Serve metrics, processes).
+
+It lives in the package so that ``bench/`` imports it like any client, without ``sys.path``
+edits. The library never imports it, and it imports neither pytest nor anything heavy at import
+time: the CLI, psutil and prometheus_client are imported by the helpers that need them. Tools
+too big for here are its submodules (``s3proxy``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from hrem_ray.ray_runtime import free_port
+
+if TYPE_CHECKING:
+    import psutil
+
+__all__ = [
+    "SYNTH",
+    "TINY_MODEL",
+    "TINY_SETS",
+    "alive",
+    "free_port",
+    "is_loopback",
+    "metric_samples",
+    "start_moto",
+    "stop_group",
+    "tiny_data_and_checkpoint",
+]
+
+# f30k-format data of 20/5/10 images of 6 regions x 24 dims, and a model at toy width: big
+# enough to exercise every layer, small enough for a test to train in seconds on 2 cores.
+TINY_SETS = [
+    f"model.{k}={v}"
+    for k, v in dict(img_dim=24, embed_size=32, num_heads=4, ff_dim=32, mlp_hidden=16).items()
+]
+TINY_MODEL = [f"--set={s}" for s in TINY_SETS]
+SYNTH = ["--train-images", "20", "--dev-images", "5", "--test-images", "10"]
+SYNTH += ["--regions", "6", "--dim", "24"]
+
+
+def tiny_data_and_checkpoint(root: Path, tiny_bert: str) -> tuple[Path, Path]:
+    """Synthetic data and a fresh tiny checkpoint under ``root``, made with the CLI (as a user
+    would make them)."""
+    from hrem_ray.cli import main
+
+    data, ckpt = root / "data", root / "ckpt"
+    main(["synth", "--out", str(data), *SYNTH])
+    main(["init-checkpoint", "--out", str(ckpt), "--bert-path", tiny_bert, *TINY_MODEL])
+    return data, ckpt
+
+
+def alive(procs: list[psutil.Process]) -> list[psutil.Process]:
+    """The processes of ``procs`` still running (zombies count as gone): what a stopped
+    cluster or run must leave behind is none."""
+    import psutil
+
+    running = []
+    for p in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                running.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return running
+
+
+def is_loopback(ip: str) -> bool:
+    """True for a loopback address, IPv4-mapped ones (``::ffff:127.0.0.1``) included."""
+    address = ipaddress.ip_address(ip)
+    return (getattr(address, "ipv4_mapped", None) or address).is_loopback
+
+
+def metric_samples(text: str) -> dict[tuple[str, tuple], float]:
+    """Prometheus text exposition as {(sample name, sorted labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def start_moto(port: int, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """A moto S3 server on 127.0.0.1:``port`` in its own process group, once it answers.
+
+    ``env`` adds to the environment, e.g. ``INITIAL_NO_AUTH_ACTION_COUNT=0`` to make it check
+    credentials. Stop it with ``stop_group``.
+    """
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/moto-api/", timeout=1).close()
+            return proc
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                stop_group(proc)
+                raise RuntimeError(f"moto server on port {port} did not start") from None
+            time.sleep(0.1)
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """Terminate the process group ``proc`` leads (started with ``start_new_session``): never
+    ``ray stop``, which would stop every Ray process on the machine."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=10)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

@@ -1,0 +1,91 @@
+"""The README's path from object storage through a proxy that resets, stalls and throttles
+(hrem_ray.testing.s3proxy): ``hrem-ray shard`` to S3, ``check-data``, a Ray Train run from the
+S3 shards with the run in S3, and ``eval`` of the printed URI. With faults the run must end as
+it does without them: the same weights, bit for bit (the data path does not depend on timing),
+and the same dev rsum; the faults must have happened and been retried."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from urllib.parse import urlparse
+
+import pytest
+import ray
+
+from hrem_ray import storage
+from hrem_ray.checkpoint import read_record
+from hrem_ray.cli import main
+from hrem_ray.config import load_config
+from hrem_ray.options import RayRunOptions
+from hrem_ray.synth import write_synthetic
+from hrem_ray.testing import TINY_SETS
+from hrem_ray.testing.s3proxy import FaultProxy
+from hrem_ray.train.ray_train import train_ray
+from tests.conftest import S3_BUCKET
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+FAULTS = dict(reset=0.05, delay=0.05, http503=0.05)
+
+
+@pytest.fixture(scope="module")
+def proxy(s3_server, tmp_path_factory):
+    """A faulty proxy in front of the S3 server, which Ray's workers reach too: the
+    environment is set before Ray starts, since its workers inherit it."""
+    url = urlparse(s3_server)
+    faults = FaultProxy(url.hostname, url.port, seed=11, delay_s=1.0, **FAULTS)
+    with faults as p, pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AWS_ENDPOINT_URL", p.endpoint)
+        mp.setenv(storage.CACHE_ENV, str(tmp_path_factory.mktemp("cache")))
+        if ray.is_initialized():
+            ray.shutdown()
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        try:
+            yield p
+        finally:
+            ray.shutdown()
+
+
+def _train(cfg, name: str) -> tuple[str, float]:
+    options = RayRunOptions(storage_path=f"s3://{S3_BUCKET}/chaos-runs", name=name,
+                            num_workers=1, cpus_per_worker=0.5, max_failures=0)  # fmt: skip
+    start = time.monotonic()
+    best = train_ray(cfg, options, log=lambda _: None)
+    return best, time.monotonic() - start
+
+
+def _weights_sha(uri: str) -> str:
+    return hashlib.sha256((storage.fetch_dir(uri) / "model.safetensors").read_bytes()).hexdigest()
+
+
+@pytest.mark.timeout(900)
+def test_shard_check_train_eval_survive_faults(proxy, tmp_path, tiny_bert, capsys):
+    data = tmp_path / "data"
+    write_synthetic(data, train_images=40, dev_images=10, test_images=10, regions=6, dim=24,
+                    progress=None)  # fmt: skip
+    uri = f"s3://{S3_BUCKET}/chaos-data"
+    for split in ("train", "dev"):
+        main(["shard", "--data-path", str(data), "--dataset", "f30k", "--split", split,
+              "--out", uri, "--rows-per-shard", "8"])  # fmt: skip
+    main(["check-data", "--data-path", uri, "--dataset", "f30k", "--split", "train",
+          "--split", "dev"])  # fmt: skip
+    sets = [*TINY_SETS, "train.batch_size=8", "train.log_every=1000", "train.epochs=2",
+            f"data.data_path={uri}", f"model.bert_path={tiny_bert}"]  # fmt: skip
+    cfg = load_config(None, sets)
+    faulty, faulty_s = _train(cfg, "faulty")
+    out = tmp_path / "eval.json"
+    main(["eval", "--checkpoint", faulty, "--data-path", uri, "--dataset", "f30k",
+          "--split", "dev", "--json", str(out)])  # fmt: skip
+    injected = proxy.report()
+    err = capsys.readouterr().err
+
+    proxy.set_rates()  # the same run without faults
+    clean, clean_s = _train(cfg, "clean")
+    print(f"\nfaults {injected}; train {faulty_s:.0f} s with faults, {clean_s:.0f} s without; "
+          f"{err.count('retrying')} retries printed")  # fmt: skip
+    assert injected["resets"] > 0 and injected["delays"] > 0 and injected["http503"] > 0
+    assert "Traceback" not in err
+    assert _weights_sha(faulty) == _weights_sha(clean)
+    faulty_rsum = json.loads(out.read_text())["rsum"]
+    assert faulty_rsum == pytest.approx(read_record(clean)["meta"]["metrics"]["rsum"], abs=1e-4)
