@@ -12,6 +12,7 @@ import os
 import sys
 import time
 
+from hrem_ray.errors import one_line
 from hrem_ray.index.ivf import DEFAULT_NPROBE
 from hrem_ray.options import (
     CLI_FLAGS,
@@ -389,14 +390,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args.func(args)
     except USER_ERRORS as e:
-        print(f"hrem-ray {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        print(f"hrem-ray {args.command}: error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
-
-
-def _one_line(e: BaseException) -> str:
-    """The error's message on one line (some, e.g. torch's unpickling refusals, span several)."""
-    lines = [line.strip() for line in str(e).splitlines()]
-    return " ".join(line for line in lines if line) or type(e).__name__
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ from typing import TypeVar
 
 import pyarrow.fs as pafs
 
+from hrem_ray.errors import one_line
 from hrem_ray.fileio import write_atomic, write_dir_atomic
 
 MARKER = ".hrem-complete.json"
@@ -117,7 +118,7 @@ def filesystem(path: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     try:
         fs, inner = pafs.FileSystem.from_uri(str(path))
     except (ValueError, OSError) as e:
-        raise StorageError(f"{path}: {_one_line(e)}") from None
+        raise StorageError(f"{path}: {one_line(e)}") from None
     if isinstance(fs, pafs.S3FileSystem):
         fs = pafs.S3FileSystem(region=fs.region, endpoint_override=_s3_endpoint(), **S3_OPTIONS)
     return fs, inner.rstrip("/")
@@ -235,7 +236,7 @@ def _storage_error(e: OSError, uri: str | os.PathLike, what: str) -> StorageErro
         return StorageError(f"{uri}: no such bucket")
     if any(code in msg for code in _DENIED):
         return StorageError(f"{uri}: access denied ({CREDENTIALS_HELP})")
-    return StorageError(f"{uri}: {_one_line(e)}")
+    return StorageError(f"{uri}: {one_line(e)}")
 
 
 def check_access(path: str | os.PathLike) -> None:
@@ -470,14 +471,14 @@ def _remote_manifest(fs: pafs.FileSystem, root: str, uri: str, what: str) -> tup
     if MARKER not in listing:
         files: FileList = {rel: {"size": size} for rel, (size, _) in listing.items()}
         seed = json.dumps([uri, sorted(listing.items())], default=str)
-        return files, hashlib.sha256(seed.encode()).hexdigest()[:32]
+        return files, sha256(seed.encode())[:32]
     with fs.open_input_stream(f"{root}/{MARKER}") as f:
         raw = f.read()
     files = json.loads(raw)["files"]
     for rel, want in files.items():
         if rel not in listing or listing[rel][0] != want["size"]:
             raise StorageError(f"{what} at {uri} is incomplete: {rel} is missing or changed")
-    return files, hashlib.sha256(raw).hexdigest()[:32]
+    return files, sha256(raw)[:32]
 
 
 def _remote_files(fs: pafs.FileSystem, root: str) -> dict[str, tuple[int, object]]:
@@ -495,7 +496,7 @@ def _local_files(folder: Path) -> FileList:
     for file in sorted(p for p in folder.rglob("*") if p.is_file()):
         rel = file.relative_to(folder).as_posix()
         if rel != MARKER:
-            files[rel] = {"size": file.stat().st_size, "sha256": _sha256(file)}
+            files[rel] = {"size": file.stat().st_size, "sha256": digest(file)["sha256"]}
     return files
 
 
@@ -549,9 +550,6 @@ def lock_file(lock: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _sha256(file: Path) -> str:
-    return str(digest(file)["sha256"])
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
+def sha256(data: bytes) -> str:
+    """The SHA-256 of ``data`` in hex, as markers and shard manifests record it."""
+    return hashlib.sha256(data).hexdigest()

@@ -200,16 +200,7 @@ def step_with_relation_dropout(
 
 def worker(rank: int, world: int, port: int, tmp: Path, cfg: ModelConfig) -> None:
     try:
-        if sys.platform.startswith("linux"):
-            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-        torch.set_num_threads(1)
-        dist.init_process_group(
-            "gloo",
-            init_method=f"tcp://127.0.0.1:{port}",
-            rank=rank,
-            world_size=world,
-            timeout=datetime.timedelta(seconds=60),
-        )
+        init_gloo(rank, world, port, seconds=60)
         if world == 2:
             check_uneven_gather(rank, world)
         check_sharded_scores(rank, world)

@@ -15,7 +15,6 @@ leaves a stamp (size, modification time, checksum), so it too is checked once pe
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -106,7 +105,7 @@ def verified_local(path: str, size: int, sha256: str) -> Path:
     stat = _stat(file)
     if stat is None:
         raise ShardError(f"{path}: shard missing")
-    stamp = storage.cache_root() / "verified" / hashlib.sha256(path.encode()).hexdigest()[:32]
+    stamp = storage.cache_root() / "verified" / storage.sha256(path.encode())[:32]
     want = {"size": size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256}
     if _read_json(stamp) == want:
         return file

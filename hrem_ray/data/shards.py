@@ -13,7 +13,6 @@ without one is an interrupted write and is never read.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import time
@@ -96,7 +95,7 @@ def split_dir(data_path: str | Path, dataset: str, split: str) -> str:
 
 def manifest_key(split: ShardedSplit) -> str:
     """A key of the split's content (its manifest): names its copies in the node cache."""
-    return hashlib.sha256(json.dumps(_manifest(split), sort_keys=True).encode()).hexdigest()
+    return storage.sha256(json.dumps(_manifest(split), sort_keys=True).encode())
 
 
 def write_shards(
@@ -140,7 +139,7 @@ def write_shards(
         data = buffer.getvalue()
         name = f"shard-{index:05d}.npy"
         storage.write_bytes(storage.join(root, name), data)
-        shards.append(Shard(name, first, len(ids), len(data), _sha256(data)))
+        shards.append(Shard(name, first, len(ids), len(data), storage.sha256(data)))
         bar.update(len(ids))
     captions = source.caps_path.read_bytes()
     storage.write_bytes(storage.join(root, CAPTIONS), captions)
@@ -162,7 +161,7 @@ def write_shards(
         },
     )
     manifest = _manifest(sharded) | {
-        "captions_sha256": _sha256(captions),
+        "captions_sha256": storage.sha256(captions),
         "captions_bytes": len(captions),
         "written_by": f"hrem-ray {__version__}",
         "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -257,7 +256,7 @@ def _read_checked_captions(root: str, m: dict, n_images: int) -> list[str]:
     if not storage.exists(path):
         raise ShardError(f"{path}: captions file missing")
     data = storage.read_bytes(path)
-    if _sha256(data) != m.get("captions_sha256"):
+    if storage.sha256(data) != m.get("captions_sha256"):
         raise ShardError(f"{path}: checksum differs from the manifest's (corrupt or rewritten)")
     captions = parse_captions(data, path)
     if len(captions) != n_images * CAPTIONS_PER_IMAGE:
@@ -277,7 +276,7 @@ def read_shard(split: ShardedSplit, shard: Shard) -> np.ndarray:
         raise ShardError(f"{path}: cannot read shard ({e})") from None
     if len(data) != shard.bytes:
         raise ShardError(f"{path}: shard is {len(data)} bytes, the manifest says {shard.bytes}")
-    if _sha256(data) != shard.sha256:
+    if storage.sha256(data) != shard.sha256:
         raise ShardError(f"{path}: shard checksum differs from the manifest's (corrupt)")
     shape, dtype, offset = _parse_header(data[:_HEADER_BYTES], path)
     want = (shard.rows, split.regions, split.dim)
@@ -294,7 +293,3 @@ def verify_shards(split: ShardedSplit, progress: Callable[[str], None] | None = 
     with ThreadPoolExecutor(_READERS) as pool:
         for rows in pool.map(lambda s: len(read_shard(split, s)), split.shards):
             bar.update(rows)
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()

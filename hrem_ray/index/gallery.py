@@ -38,6 +38,7 @@ from hrem_ray.checkpoint import read_record
 from hrem_ray.data.precomp import CAPTIONS_PER_IMAGE
 from hrem_ray.data.source import open_precomp
 from hrem_ray.embed import check_batch_size, embed_split_each, ensemble_embedding, model_id
+from hrem_ray.errors import one_line
 from hrem_ray.index.ivf import (
     DEFAULT_NPROBE,
     RECALL_K,
@@ -262,7 +263,7 @@ class Gallery:
             caps = np.load(path / CAPTION_EMBS, mmap_mode="r", allow_pickle=False)
             texts = pq.read_table(path / CAPTIONS, columns=["text"])["text"].to_pylist()
         except (ValueError, OSError, KeyError, pa.ArrowException) as e:
-            raise GalleryError(f"gallery {shown}: unreadable files ({_one_line(e)})") from None
+            raise GalleryError(f"gallery {shown}: unreadable files ({one_line(e)})") from None
         expected = {
             "n_images": imgs.shape[0] if imgs.ndim == 2 else None,
             "n_captions": caps.shape[0] if caps.ndim == 2 else None,
@@ -355,7 +356,7 @@ def _open_ivf(
         indexes = [IvfIndex.read(path / name, nprobe) for name in (IMAGE_IVF, CAPTION_IVF)]
         found = [(x.index.ntotal, x.index.d, x.index.nlist) for x in indexes]
     except (ValueError, RuntimeError, KeyError, TypeError, AttributeError) as e:
-        raise GalleryError(f"gallery {shown}: unusable IVF index ({_one_line(e)})") from None
+        raise GalleryError(f"gallery {shown}: unusable IVF index ({one_line(e)})") from None
     want = [(len(embs), embs.shape[1], ivf["nlist"]) for embs in (imgs, caps)]
     if found != want:
         raise GalleryError(
@@ -378,7 +379,3 @@ def scores(queries: np.ndarray, embs: np.ndarray) -> np.ndarray:
          for i in range(0, len(embs), SCORE_CHUNK)],
         axis=1,
     )  # fmt: skip
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
