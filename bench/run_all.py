@@ -102,6 +102,11 @@ def ingest_rows(f: dict) -> list[Row]:
     ]  # fmt: skip
 
 
+def tracking_rows(f: dict) -> list[Row]:
+    return [Row(f"train samples/s, MLflow tracking on (vs off, {f['bert']} BERT)",
+                f["on"], f["off"], "/s", True)]  # fmt: skip
+
+
 @dataclass
 class Bench:
     name: str
@@ -137,6 +142,8 @@ BENCHES = [
         300,
     ),  # fmt: skip
     Bench("ingest", ["ingest.py", "--images", "1000", "--no-train"], ingest_rows, 300),
+    Bench("tracking_overhead", ["tracking_overhead.py", "--bert", "tiny", "--images", "300"],
+          tracking_rows, 300),  # fmt: skip
     Bench(
         "ivf_recall",
         ["ivf_recall.py", "--n", "50000", "--nlist", "256", "--nprobe", "8", "32"],

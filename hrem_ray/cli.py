@@ -13,7 +13,7 @@ import sys
 import time
 
 from hrem_ray.errors import one_line
-from hrem_ray.index.ivf import DEFAULT_NPROBE
+from hrem_ray.index.faiss_index import DEFAULT_EF_SEARCH, DEFAULT_NPROBE, SPEC_HELP
 from hrem_ray.options import (
     CLI_FLAGS,
     DATASETS,
@@ -114,7 +114,8 @@ def cmd_embed(a: argparse.Namespace) -> None:
     from hrem_ray.embed import embed_captions, embed_features
     from hrem_ray.fileio import save_npy_atomic
 
-    ck = load_checkpoint(a.checkpoint, device=a.device)
+    (checkpoint,) = _checkpoints(a, [a.checkpoint], one=True)
+    ck = load_checkpoint(checkpoint, device=a.device)
     kw = dict(batch_size=a.batch_size, device=a.device, progress=_log)
     if a.images:
         embs = embed_features(ck.model, open_features(a.images), **kw)
@@ -130,7 +131,8 @@ def cmd_eval(a: argparse.Namespace) -> None:
 
     start = time.perf_counter()
     result = evaluate_ensemble(
-        a.checkpoint or [], a.data_path, a.dataset, a.split, sims_files=a.sims or [],
+        _checkpoints(a, a.checkpoint or []), a.data_path, a.dataset, a.split,
+        sims_files=a.sims or [],
         save_to=a.save_sims, batch_size=a.batch_size, device=a.device, fold5=a.fold5,
         progress=_log,
     )  # fmt: skip
@@ -146,13 +148,43 @@ def cmd_eval(a: argparse.Namespace) -> None:
 
 
 def cmd_index(a: argparse.Namespace) -> None:
+    from hrem_ray.index.distributed import build_gallery_distributed, wants_ray
     from hrem_ray.index.gallery import build_gallery
 
+    if wants_ray(a.data_path, a.dataset, a.split, a.num_workers):
+        from hrem_ray.ray_runtime import init_ray
+
+        (checkpoint,) = _checkpoints(a, a.checkpoint, one=True)
+        init_ray(verbose=a.verbose)
+        out = build_gallery_distributed(
+            checkpoint, a.data_path, a.dataset, a.split, a.out, num_workers=a.num_workers,
+            num_gpus=a.num_gpus, dtype=a.dtype, batch_size=a.batch_size, index=_index_spec(a),
+            nprobe=a.nprobe, ef_search=a.ef_search, progress=_log,
+        )  # fmt: skip
+        _log(f"wrote {out}")
+        return
     out = build_gallery(
-        a.checkpoint, a.data_path, a.dataset, a.split, a.out, dtype=a.dtype,
-        batch_size=a.batch_size, device=a.device, ivf=a.ivf, nprobe=a.nprobe, progress=_log,
+        _checkpoints(a, a.checkpoint), a.data_path, a.dataset, a.split, a.out, dtype=a.dtype,
+        batch_size=a.batch_size, device=a.device, index=_index_spec(a), nprobe=a.nprobe,
+        ef_search=a.ef_search, progress=_log,
     )  # fmt: skip
     _log(f"wrote {out}")
+
+
+def _index_spec(a: argparse.Namespace) -> str:
+    """``--index SPEC``, or ``--ivf N`` as its short form ``IVFN,Flat``; Flat by default."""
+    if a.ivf and a.index:
+        raise ValueError("give --index or its short form --ivf, not both")
+    if a.ivf < 0:
+        raise ValueError(f"--ivf (nlist; 0 = exact search only) must be a positive integer, "
+                         f"got {a.ivf}")  # fmt: skip
+    return f"IVF{a.ivf},Flat" if a.ivf else a.index or "Flat"
+
+
+def _search_params(a: argparse.Namespace) -> dict[str, int]:
+    """The serve flags that override the gallery's FAISS search knobs."""
+    given = {"nprobe": a.nprobe, "efSearch": a.ef_search}
+    return {name: value for name, value in given.items() if value is not None}
 
 
 def cmd_serve(a: argparse.Namespace) -> None:
@@ -161,14 +193,23 @@ def cmd_serve(a: argparse.Namespace) -> None:
     from hrem_ray.serving.app import run_service, wait_until_interrupted
     from hrem_ray.serving.service import check_served
 
+    if a.num_gpus < 0:
+        raise ValueError(f"--num-gpus {a.num_gpus:g}: give 0 (CPU replicas) or a GPU share > 0")
     api_key = a.api_key or os.environ.get("HREM_API_KEY")
     if api_key:
         check_api_key(api_key)  # before the minutes of starting Ray
-    check_served(a.checkpoint, a.gallery)  # the models are the gallery's, in its order
+    # the models are the gallery's, in its order; a models:/ reference is resolved here to
+    # check it, and again by each replica (whose /readyz then names its registry version)
+    check_served(_checkpoints(a, a.checkpoint), a.gallery)
+    if a.tracking_uri:
+        from hrem_ray.tracking import URI_ENV
+
+        os.environ[URI_ENV] = a.tracking_uri  # the replicas' registry, on this machine's Ray
     init_ray(a.address, verbose=a.verbose)
     url = run_service(
         a.checkpoint, a.gallery, host=a.host, port=a.port,
         api_key=api_key, max_replicas=a.max_replicas, check=False,
+        search_params=_search_params(a), num_gpus=a.num_gpus,
     )  # fmt: skip
     _log(f"serving on {url} (search page at {url}/, API docs at {url}/docs); Ctrl-C stops")
     try:
@@ -179,14 +220,25 @@ def cmd_serve(a: argparse.Namespace) -> None:
         serve.shutdown()
 
 
+def _tracking_uri(a: argparse.Namespace) -> str | None:
+    """The run's tracking URI, its server checked before Ray starts (None: --no-tracking)."""
+    from hrem_ray import tracking
+
+    uri = tracking.run_uri(a)
+    if uri is not None:
+        tracking.check_reachable(uri)
+    return uri
+
+
 def cmd_train(a: argparse.Namespace) -> None:
     cfg = _config(a)
+    uri = _tracking_uri(a)
     if a.local:
         from hrem_ray import storage
         from hrem_ray.train.local import train_local
 
         run = storage.join(a.storage_path, a.name)
-        best = train_local(cfg, run, resume=a.resume, device=a.device)
+        best = train_local(cfg, run, resume=a.resume, device=a.device, tracking_uri=uri)
     else:
         from hrem_ray.ray_runtime import init_ray
         from hrem_ray.train.ray_train import train_ray
@@ -212,9 +264,41 @@ def cmd_tune(a: argparse.Namespace) -> None:
     if a.ensemble_top is not None:
         check_ensemble_top(a.ensemble_top, max_trials(space))
     options = from_args(a, SweepOptions, run=from_args(a, RayRunOptions))
+    if a.register:
+        from hrem_ray.registry import check_name
+
+        check_name(a.register, a.alias)
+    elif a.alias:
+        raise ValueError("--alias needs --register NAME")
+    _tracking_uri(a)
     init_ray(a.address, verbose=a.verbose)
     summary = run_sweep(cfg, space, options, log=_log)
     _log(f"best checkpoint: {summary['best']}")
+    if a.register:
+        best = summary["ensemble"]["path"] if summary.get("ensemble") else summary["best"]
+        _register(best, a.register, a.alias, getattr(a, "tracking_uri", None))
+
+
+def cmd_register(a: argparse.Namespace) -> None:
+    _register(a.checkpoint, a.name, a.alias, a.tracking_uri)
+
+
+def _register(checkpoints, name: str, alias: str | None, tracking_uri: str | None) -> None:
+    from hrem_ray.registry import register
+
+    reg = register(checkpoints, name, alias=alias, tracking_uri=tracking_uri)
+    at = f" (alias {alias}: models:/{name}@{alias})" if alias else ""
+    _log(f"registered models:/{name}/{reg.version}{at}: {', '.join(reg.checkpoints)}")
+
+
+def _checkpoints(a: argparse.Namespace, refs: list[str], *, one: bool = False) -> list[str]:
+    """``--checkpoint`` values with each ``models:/`` reference resolved (before Ray starts)."""
+    from hrem_ray.registry import resolve_checkpoints
+
+    checkpoints = list(resolve_checkpoints(refs, tracking_uri=a.tracking_uri)[0])
+    if one and len(checkpoints) != 1:
+        raise ValueError(f"{refs[0]} is an ensemble of {len(checkpoints)} models: embed one")
+    return checkpoints
 
 
 def cmd_demo(a: argparse.Namespace) -> None:
@@ -228,6 +312,26 @@ def _add_split_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-path", required=True, help="data root holding <dataset>_precomp/")
     p.add_argument("--dataset", required=True)
     p.add_argument("--split", default="test")
+
+
+def _add_tracking_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--tracking-uri",
+        help="MLflow registry of models:/ references (default: $MLFLOW_TRACKING_URI, else "
+        "./runs/mlflow.db)",
+    )  # fmt: skip
+
+
+def _add_search_flags(p: argparse.ArgumentParser, default_help: str) -> None:
+    p.add_argument(
+        "--nprobe", type=int,
+        help=f"IVF lists searched per query (default {DEFAULT_NPROBE}, capped at nlist)"
+        + default_help,
+    )  # fmt: skip
+    p.add_argument(
+        "--ef-search", type=int,
+        help=f"HNSW candidates per query (default {DEFAULT_EF_SEARCH})" + default_help,
+    )  # fmt: skip
 
 
 def _add_encode_flags(p: argparse.ArgumentParser) -> None:
@@ -303,6 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--captions", help="text file, one caption per line")
     p.add_argument("--out", required=True, help=".npy of [n, D] float32")
     _add_encode_flags(p)
+    _add_tracking_flag(p)
     p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("eval", help="R@K, medr, meanr, rsum on a precomp split")
@@ -316,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fold5", action="store_true", help="also the COCO 5-fold 1K average")
     p.add_argument("--json", help="write the metrics here")
     _add_encode_flags(p)
+    _add_tracking_flag(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("index", help="encode a split once into a searchable gallery")
@@ -328,14 +434,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=FEATURE_DTYPES, default=FEATURE_DTYPES[0])
     _add_encode_flags(p)
     p.add_argument(
-        "--ivf", type=int, default=0, metavar="NLIST",
-        help="also train FAISS IVF indexes with NLIST lists, for ~1M+ items (needs "
-        "hrem-ray[faiss]); default 0: exact search only",
+        "--index", metavar="SPEC",
+        help=f"FAISS index of each side, a factory string: {SPEC_HELP} (needs "
+        "hrem-ray[faiss]; docs/serving.md); default Flat: exact search only",
     )  # fmt: skip
     p.add_argument(
-        "--nprobe", type=int, default=DEFAULT_NPROBE,
-        help="IVF lists searched per query (capped at NLIST); recall@10 vs exact is printed",
+        "--ivf", type=int, default=0, metavar="NLIST", help="short for --index IVFNLIST,Flat"
+    )
+    _add_search_flags(p, "; recall@1/5/10 vs exact is measured and printed")
+    p.add_argument(
+        "--num-workers", type=int, metavar="N",
+        help="encode on Ray Data with N model replicas (default for a sharded split: one per "
+        "CPU of the cluster; docs/serving.md)",
     )  # fmt: skip
+    p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per replica (with Ray)")
+    p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
+    _add_tracking_flag(p)
     p.set_defaults(func=cmd_index)
 
     p = sub.add_parser("serve", help="Ray Serve retrieval endpoint over a gallery")
@@ -348,9 +462,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", help="require this x-api-key header (or set HREM_API_KEY)")
     p.add_argument("--max-replicas", type=int, default=2)
+    p.add_argument(
+        "--num-gpus", type=float, default=0.0,
+        help="GPU share per replica (0.5: two replicas a card); 0, the default: CPU replicas",
+    )  # fmt: skip
+    _add_search_flags(p, "; default: the gallery's")
     p.add_argument("--address", help=ADDRESS_HELP)
     p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
+    _add_tracking_flag(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("register", help="register a checkpoint (or an ensemble) in MLflow")
+    p.add_argument(
+        "checkpoint", nargs="+",
+        help="a checkpoint, an ensemble folder (tune --ensemble-top), or several checkpoints "
+        "of an ensemble in its gallery's order; recorded by URI, never copied",
+    )  # fmt: skip
+    p.add_argument("--name", required=True, help="the registered model: models:/NAME/...")
+    p.add_argument("--alias", help="point this alias (e.g. champion) at the new version")
+    _add_tracking_flag(p)
+    p.set_defaults(func=cmd_register)
 
     p = sub.add_parser("train", help="train HREM on Ray Train (or --local: one process)")
     add_flags(p, RayRunOptions())
@@ -366,6 +497,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, help="override the space's num_samples")
     add_flags(p, SweepOptions().run, skip=SWEEP_RUN_SKIPS)
     add_flags(p, SweepOptions())
+    p.add_argument(
+        "--register", metavar="NAME",
+        help="register the best checkpoint (the ensemble with --ensemble-top)",
+    )  # fmt: skip
+    p.add_argument("--alias", help="with --register: point this alias at the new version")
     p.add_argument("--address", help=ADDRESS_HELP)
     p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     add_config_flags(p)

@@ -160,6 +160,12 @@ def model_id(model: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+def served_model_id(ids: Sequence[str]) -> str:
+    """The id a service reports for models of these ids: the one model's, or for an ensemble
+    a hash of its models' ids in order (the registry records the same)."""
+    return ids[0] if len(ids) == 1 else hashlib.sha256(" ".join(ids).encode()).hexdigest()[:16]
+
+
 def _encode_images(model, source, n, batch_size, device, progress, desc) -> np.ndarray:
     with _eval_mode(model):
         return encode(model.embed_images, image_batches(source, batch_size), n,

@@ -25,11 +25,13 @@ CLI_FLAGS: dict[str, tuple[type, str]] = {
     "model.bert_path": (str, "backbone folder (default: offline MiniLM)"),
     "train.epochs": (int, "epochs to train"),
     "train.batch_size": (int, "global batch, split across workers"),
-    "train.seed": (int, "seed of the model, the data order and the augmentation"),
+    "train.seed": (int, "seed of the model, the data order, the augmentation and a sweep's "
+                   "draws"),
 }
 
 T = TypeVar("T")
-_TYPES = {"str": str, "int": int, "float": float, "int | None": int, "float | None": float}
+_TYPES = {"str": str, "int": int, "float": float, "int | None": int, "float | None": float,
+          "str | None": str}  # fmt: skip
 
 
 def option(default: Any, help: str, **flag: Any) -> Any:
@@ -49,6 +51,11 @@ class RayRunOptions:
     max_failures: int = option(2, "worker-group restarts")
     keep_checkpoints: int = option(2, "checkpoints kept in the run, the best by dev rsum")
     resume: bool = option(False, "continue the run (the sweep) named --name")
+    tracking_uri: str | None = option(
+        None, "MLflow tracking server (default: $MLFLOW_TRACKING_URI, else the store "
+        "<storage-path>/mlflow.db; docs/tracking.md)",
+    )  # fmt: skip
+    no_tracking: bool = option(False, "do not track the run (the sweep) in MLflow")
 
 
 def _sweep_run() -> RayRunOptions:

@@ -89,3 +89,75 @@ def test_shard_check_train_eval_survive_faults(proxy, tmp_path, tiny_bert, capsy
     assert _weights_sha(faulty) == _weights_sha(clean)
     faulty_rsum = json.loads(out.read_text())["rsum"]
     assert faulty_rsum == pytest.approx(read_record(clean)["meta"]["metrics"]["rsum"], abs=1e-4)
+
+
+@pytest.mark.timeout(600)
+def test_serve_from_s3_and_swap_survive_faults(proxy, tmp_path, tiny_bert, capsys):
+    """``run_service`` of a checkpoint and gallery in S3 while storage faults: the replica's
+    start retries its fetches and answers as the same files do locally; then a swap to a
+    second checkpoint and gallery in S3, under a continuous request stream, answers every
+    request with 200 and switches to the new model."""
+    from ray import serve
+    from starlette.testclient import TestClient
+
+    from hrem_ray.serving.api import LocalBackend, build_app
+    from hrem_ray.serving.app import AUTOSCALING, Retriever, run_service
+    from hrem_ray.serving.client import wait_ready
+    from hrem_ray.serving.service import RetrievalService
+    from hrem_ray.testing import SYNTH, TINY_MODEL, free_port
+    from tests.test_serve_ray import GOOD, STREAM, Stream, assert_same_answer, matches, post
+
+    data = tmp_path / "data"
+    main(["synth", "--out", str(data), *SYNTH])
+    local, remote = {}, {}
+    proxy.set_rates()  # build the world without faults, then upload it through them
+    for tag, seed in (("1", 0), ("2", 1)):
+        ckpt, gallery = tmp_path / f"ckpt{tag}", tmp_path / f"gallery{tag}"
+        main(["init-checkpoint", "--out", str(ckpt), "--bert-path", tiny_bert, "--seed",
+              str(seed), *TINY_MODEL])  # fmt: skip
+        main(["index", "--checkpoint", str(ckpt), "--data-path", str(data), "--dataset",
+              "f30k", "--split", "test", "--out", str(gallery)])  # fmt: skip
+        local[tag] = TestClient(build_app(LocalBackend(RetrievalService(ckpt, gallery))))
+        remote[tag] = tuple(f"s3://{S3_BUCKET}/chaos-serve/{p.name}" for p in (ckpt, gallery))
+    proxy.set_rates(reset=0.15, delay=0.1, http503=0.15)
+    proxy.reset_counters()
+    start = time.monotonic()
+    for tag in local:
+        for src, dst in zip((tmp_path / f"ckpt{tag}", tmp_path / f"gallery{tag}"),
+                            remote[tag], strict=True):  # fmt: skip
+            storage.copy_dir(src, dst)
+    port = free_port()
+    cluster = {"url": f"http://127.0.0.1:{port}"}
+    try:
+        run_service(*remote["1"], port=port, max_replicas=1)
+        wait_ready(cluster["url"], timeout_s=240)
+        ready_s = time.monotonic() - start
+        for path, body in GOOD:
+            r = post(cluster, path, body)
+            assert_same_answer(r, local["1"].post(path, json=body), path)
+        want_new = [local["2"].post(p, json=b).json() for p, b in STREAM]
+        retriever = Retriever.options(
+            autoscaling_config={**AUTOSCALING, "max_replicas": 1},
+            user_config={"checkpoint": remote["2"][0], "gallery": remote["2"][1]},
+        ).bind(*remote["1"])
+        with Stream(cluster, STREAM) as stream:
+            assert stream.wait_for(lambda e: e["status"] == 200, 60), "no answer before"
+            serve.run(retriever, name="hrem", route_prefix="/")
+            switched = stream.wait_for(
+                lambda e: matches(e, want_new[[b for _, b in STREAM].index(e["body"])]), 120
+            )
+            assert switched is not None, "answers never switched to the new model"
+            time.sleep(2)
+        failed = [e for e in stream.log if e["status"] != 200]
+        injected = proxy.report()
+        err = capsys.readouterr().err
+        print(f"\nserve from S3: faults {injected}, ready in {ready_s:.0f} s, "
+              f"{len(stream.log)} requests during the swap, {len(failed)} failed, "
+              f"{err.count('retrying')} retries printed")  # fmt: skip
+        assert not failed, failed[:3]
+        assert injected["resets"] + injected["http503"] > 0
+        for path, body in GOOD:
+            assert_same_answer(post(cluster, path, body), local["2"].post(path, json=body), path)
+    finally:
+        serve.shutdown()
+        proxy.set_rates(**FAULTS)

@@ -112,7 +112,7 @@ def test_shipped_configs_load():
         ("model.threshold=1.5", "model.threshold"),
         ("model.num_heads=5", "model.embed_size"),
         ("train.batch_size=1", "train.batch_size"),
-        ("train.log_every=0", "train.log_every"),
+        ("train.log_every=-1", "train.log_every"),
         ("data.region_keep=0", "data.region_keep"),
         ("train.weight_decay=-1e-4", "train.weight_decay"),
         ("model.warmup=-1", "model.warmup"),

@@ -200,8 +200,8 @@ def test_ensemble_gallery_with_ivf(world, tmp_path):
     probe1 = Gallery.open(_index(tmp_path / "p1", world["data"], a, b,
                                  extra=("--ivf", "3", "--nprobe", "1")))  # fmt: skip
     exact = Gallery.open(world["ab"])
-    assert full.image_ivf is not None and full.model_ids == exact.model_ids
-    assert full.manifest["ivf"]["recall_at_10_images"] == 1.0
+    assert full.image_index is not None and full.model_ids == exact.model_ids
+    assert full.manifest["index"]["recall"]["text_to_image"]["10"] == 1.0
     np.testing.assert_array_equal(full.image_embs, exact.image_embs)
     sims = mean_sims(world, ("a", "b"))
     captions = np.asarray(exact.caption_embs)
@@ -218,7 +218,7 @@ def test_ensemble_gallery_with_ivf(world, tmp_path):
         np.testing.assert_array_equal(getattr(full, search)(queries, 7)[0],
                                       getattr(exact, search)(queries, 7)[0])  # fmt: skip
     # image -> text over 50 captions in 3 lists: the recall the manifest measured at build
-    recall = probe1.manifest["ivf"]["recall_at_10_captions"]
+    recall = probe1.manifest["index"]["recall"]["image_to_text"]["10"]
     approx, _ = probe1.search_captions(images, 10)
     truth, _ = naive_top_k(sims, 10)
     measured = np.mean([len(set(x) & set(y)) / 10 for x, y in zip(approx, truth, strict=True)])

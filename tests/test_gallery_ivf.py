@@ -1,4 +1,4 @@
-"""Optional FAISS IVF indexes in a gallery (``hrem-ray index --ivf``).
+"""FAISS IVF-Flat indexes in a gallery (``hrem-ray index --ivf``, short for ``--index IVFN,Flat``).
 
 Checked against exact search computed here with a naive full ``argsort``: with nprobe = nlist
 the IVF answers must be the exact ones; with a small nprobe the recall@10 the manifest reports
@@ -18,15 +18,15 @@ import numpy as np
 import pytest
 
 from hrem_ray.cli import main
+from hrem_ray.index.faiss_index import RECALL_QUERIES
 from hrem_ray.index.gallery import (
-    CAPTION_IVF,
-    IMAGE_IVF,
+    CAPTION_INDEX,
+    IMAGE_INDEX,
     MANIFEST,
     Gallery,
     GalleryError,
     write_gallery,
 )
-from hrem_ray.index.ivf import RECALL_QUERIES
 from hrem_ray.serving.service import RetrievalService
 from hrem_ray.testing import tiny_data_and_checkpoint
 from tests.helpers import run_err
@@ -58,6 +58,9 @@ def embs() -> dict[str, Any]:
 
 
 def make(out: Path, embs: dict[str, Any], **kw: Any) -> Gallery:
+    """``ivf=N`` is short for ``index="IVFN,Flat"``, as ``--ivf`` on the command line."""
+    if "ivf" in kw:
+        kw["index"] = f"IVF{kw.pop('ivf')},Flat"
     write_gallery(out, embs["images"], embs["captions"], embs["texts"], {}, **kw)
     return Gallery.open(out)
 
@@ -82,19 +85,26 @@ def galleries(embs, tmp_path_factory) -> dict[str, Gallery]:
 @needs_faiss
 def test_ivf_files_and_manifest(galleries):
     full = galleries["full"]
-    assert {IMAGE_IVF, CAPTION_IVF} <= {p.name for p in full.path.iterdir()}
-    ivf = json.loads((full.path / MANIFEST).read_text())["ivf"]
-    assert ivf == {"nlist": NLIST, "nprobe": NLIST, "recall_at_10_images": 1.0,
-                   "recall_at_10_captions": 1.0}  # fmt: skip
-    assert full.image_ivf is not None and full.caption_ivf is not None
-    assert (full.image_ivf.index.ntotal, full.caption_ivf.index.ntotal) == (N_IMAGES, 5 * N_IMAGES)
+    assert {IMAGE_INDEX, CAPTION_INDEX} <= {p.name for p in full.path.iterdir()}
+    info = json.loads((full.path / MANIFEST).read_text())["index"]
+    every = {"1": 1.0, "5": 1.0, "10": 1.0}
+    size = sum((full.path / name).stat().st_size for name in (IMAGE_INDEX, CAPTION_INDEX))
+    assert info == {"spec": f"IVF{NLIST},Flat", "params": {"nprobe": NLIST},
+                    "train_sample": {"images": N_IMAGES, "captions": 5 * N_IMAGES},
+                    "bytes_per_item": round(size / (6 * N_IMAGES), 1),
+                    "recall": {"text_to_image": every, "image_to_text": every}}  # fmt: skip
+    assert info["bytes_per_item"] > 4 * DIM  # float32 vectors and their ids
+    assert full.image_index is not None and full.caption_index is not None
+    assert (full.image_index.index.ntotal, full.caption_index.index.ntotal) == (
+        N_IMAGES, 5 * N_IMAGES)  # fmt: skip
 
 
 def test_gallery_without_ivf_is_exact(galleries, embs):
     exact = galleries["exact"]
-    assert "ivf" not in exact.manifest
-    assert exact.image_ivf is None and exact.caption_ivf is None
-    assert not {IMAGE_IVF, CAPTION_IVF} & {p.name for p in exact.path.iterdir()}
+    assert exact.manifest["index"] == {"spec": "Flat", "params": {}, "bytes_per_item": 4 * DIM,
+                                       "train_sample": {"images": 0, "captions": 0}}  # fmt: skip
+    assert exact.image_index is None and exact.caption_index is None
+    assert not {IMAGE_INDEX, CAPTION_INDEX} & {p.name for p in exact.path.iterdir()}
     ids, vals = exact.search_images(embs["captions"], 10)
     want_ids, want_vals = naive_top_k(embs["captions"] @ embs["images"].T, 10)
     np.testing.assert_array_equal(ids, want_ids)
@@ -126,11 +136,11 @@ def test_manifest_recall_equals_a_recomputation_from_raw_faiss(galleries, embs):
     import faiss
 
     gal = galleries["probe1"]
-    ivf = gal.manifest["ivf"]
-    assert (ivf["nlist"], ivf["nprobe"]) == (NLIST, 1)
+    info = gal.manifest["index"]
+    assert (info["spec"], info["params"]) == (f"IVF{NLIST},Flat", {"nprobe": 1})
     for name, queries, targets, key in (
-        (IMAGE_IVF, embs["captions"], embs["images"], "recall_at_10_images"),
-        (CAPTION_IVF, embs["images"], embs["captions"], "recall_at_10_captions"),
+        (IMAGE_INDEX, embs["captions"], embs["images"], "text_to_image"),
+        (CAPTION_INDEX, embs["images"], embs["captions"], "image_to_text"),
     ):
         index = faiss.read_index(str(gal.path / name))
         index.nprobe = 1
@@ -142,8 +152,8 @@ def test_manifest_recall_equals_a_recomputation_from_raw_faiss(galleries, embs):
                      for a, e, s in zip(approx, exact, short, strict=True)]  # fmt: skip
         recall = float(np.mean(per_query))
         assert 0.3 < recall < 1.0, recall  # a real approximation, not a degenerate one
-        assert ivf[key] == pytest.approx(recall, abs=1e-12)
-        served, _ = (gal.search_images if name == IMAGE_IVF else gal.search_captions)(queries, 10)
+        assert info["recall"][key]["10"] == pytest.approx(recall, abs=1e-12)
+        served, _ = (gal.search_images if name == IMAGE_INDEX else gal.search_captions)(queries, 10)
         np.testing.assert_array_equal(served[~short], approx[~short])
         np.testing.assert_array_equal(served[short], exact[short])
 
@@ -152,7 +162,7 @@ def test_manifest_recall_equals_a_recomputation_from_raw_faiss(galleries, embs):
 def test_queries_whose_probed_lists_are_short_are_answered_exactly(embs, tmp_path):
     gal = make(tmp_path / "g", embs, ivf=40, nprobe=1)  # lists of ~5 images: often < k
     caps, imgs = embs["captions"], embs["images"]
-    raw, _ = gal.image_ivf.search(caps, 10)
+    raw, _ = gal.image_index.search(caps, 10)
     short = (raw < 0).any(axis=1)
     assert 0 < short.sum() < len(short), short.sum()
     ids, vals = gal.search_images(caps, 10)
@@ -166,8 +176,9 @@ def test_queries_whose_probed_lists_are_short_are_answered_exactly(embs, tmp_pat
 @needs_faiss
 def test_nprobe_is_capped_at_nlist(embs, tmp_path):
     gal = make(tmp_path / "g", embs, ivf=4, nprobe=100)
-    assert gal.manifest["ivf"]["nprobe"] == 4
-    assert gal.image_ivf.nprobe == gal.caption_ivf.nprobe == 4
+    assert gal.manifest["index"]["params"] == {"nprobe": 4}
+    assert gal.image_index.params == gal.caption_index.params == {"nprobe": 4}
+    assert gal.image_index.index.nprobe == gal.caption_index.index.nprobe == 4
 
 
 @needs_faiss
@@ -192,7 +203,7 @@ def test_float16_gallery_ivf_matches_its_exact_search(embs, tmp_path):
     ("kw", "message"),
     [
         ({"ivf": N_IMAGES + 1}, f"needs at least {N_IMAGES + 1} vectors"),
-        ({"ivf": -1}, "--ivf .* must be a positive integer"),
+        ({"ivf": -1}, "--index must be one of Flat, IVF"),
         ({"ivf": 4, "nprobe": 0}, "--nprobe must be a positive integer"),
     ],
 )
@@ -214,39 +225,42 @@ def test_ivf_without_faiss_is_a_clear_error(embs, galleries, tmp_path, monkeypat
             Gallery.open(galleries["full"].path)
 
 
-def _manifest_ivf(**changes):
+def _manifest_index(**changes):
     def edit(g: Path) -> None:
         manifest = json.loads((g / MANIFEST).read_text())
-        manifest["ivf"].update(changes)
+        manifest["index"].update(changes)
         (g / MANIFEST).write_text(json.dumps(manifest))
 
     return edit
 
 
-def _drop_nprobe(g: Path) -> None:
+def _old_style(g: Path) -> None:  # the manifest of hrem-ray before --index
     manifest = json.loads((g / MANIFEST).read_text())
-    del manifest["ivf"]["nprobe"]
+    manifest["ivf"] = {"nlist": NLIST, "nprobe": 1}
+    del manifest["index"]
     (g / MANIFEST).write_text(json.dumps(manifest))
 
 
 def _swap(g: Path) -> None:
-    (g / IMAGE_IVF).rename(g / "tmp")
-    (g / CAPTION_IVF).rename(g / IMAGE_IVF)
-    (g / "tmp").rename(g / CAPTION_IVF)
+    (g / IMAGE_INDEX).rename(g / "tmp")
+    (g / CAPTION_INDEX).rename(g / IMAGE_INDEX)
+    (g / "tmp").rename(g / CAPTION_INDEX)
 
 
 IVF_BREAKAGES = {
-    "missing-image-ivf": (lambda g: (g / IMAGE_IVF).unlink(), f"missing {IMAGE_IVF}"),
-    "missing-caption-ivf": (lambda g: (g / CAPTION_IVF).unlink(), f"missing {CAPTION_IVF}"),
-    "garbage": (lambda g: (g / IMAGE_IVF).write_text("hello"), "unusable IVF index"),
+    "missing-image-ivf": (lambda g: (g / IMAGE_INDEX).unlink(), f"missing {IMAGE_INDEX}"),
+    "missing-caption-ivf": (lambda g: (g / CAPTION_INDEX).unlink(), f"missing {CAPTION_INDEX}"),
+    "garbage": (lambda g: (g / IMAGE_INDEX).write_text("hello"), "unusable FAISS index"),
     "truncated": (
-        lambda g: (g / CAPTION_IVF).write_bytes((g / CAPTION_IVF).read_bytes()[:-400]),
-        "unusable IVF index",
+        lambda g: (g / CAPTION_INDEX).write_bytes((g / CAPTION_INDEX).read_bytes()[:-400]),
+        "unusable FAISS index",
     ),
     "swapped": (_swap, "disagree"),
-    "wrong-nlist": (_manifest_ivf(nlist=NLIST // 2), "disagree"),
-    "nprobe-zero": (_manifest_ivf(nprobe=0), "unusable IVF index"),
-    "no-nprobe": (_drop_nprobe, "unusable IVF index"),
+    "wrong-nlist": (_manifest_index(spec=f"IVF{NLIST // 2},Flat"), "disagree"),
+    "nprobe-zero": (_manifest_index(params={"nprobe": 0}), "unusable FAISS index"),
+    "no-nprobe": (_manifest_index(params={}), "unusable FAISS index"),
+    "foreign-spec": (_manifest_index(spec="IVF8,Bogus"), "unusable FAISS index"),
+    "old-style-ivf": (_old_style, "old-style IVF index: rebuild it"),
 }
 
 
@@ -279,7 +293,7 @@ def world(tmp_path_factory, tiny_bert) -> dict[str, Any]:
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--ivf", "11"], "needs at least 11 vectors to train on, the split has 10 images"),
+        (["--ivf", "11"], "needs at least 11 vectors to train on, the gallery has 10 images"),
         (["--ivf", "-2"], "--ivf (nlist; 0 = exact search only) must be a positive integer"),
         (["--ivf", "4", "--nprobe", "0"], "--nprobe must be a positive integer"),
     ],
@@ -304,10 +318,12 @@ def test_service_through_an_ivf_gallery_equals_exact(world, capsys):
     out = world["root"] / "ivf"
     main(["index", *world["common"], "--out", str(out), "--ivf", "4", "--nprobe", "4"])
     stdout = capsys.readouterr().out
-    assert "IVF nlist=4 nprobe=4: recall@10 vs exact search 1.000 text->image, 1.000" in stdout
+    assert (
+        "recall@1/5/10 vs exact search 1.000/1.000/1.000 text_to_image, 1.000/1.000/1.000" in stdout
+    )
     ivf_svc = RetrievalService(world["ckpt"], out)
     exact_svc = RetrievalService(world["ckpt"], world["exact"])
-    assert ivf_svc.gallery.image_ivf is not None and exact_svc.gallery.image_ivf is None
+    assert ivf_svc.gallery.image_index is not None and exact_svc.gallery.image_index is None
     texts = exact_svc.gallery.captions[::7]
     for a, b in zip(ivf_svc.embed_texts(texts), exact_svc.embed_texts(texts), strict=True):
         got, want = ivf_svc.images_for(a, 10), exact_svc.images_for(b, 10)

@@ -366,10 +366,13 @@ class Demo:
         return queries
 
     def write_report(self) -> None:
+        from hrem_ray import tracking
         from hrem_ray.demo.report import write_report
 
         path = write_report(self.out, self.state.stages, self.profile.name)
         self.log(f"report: {path}")
+        uri = tracking.resolve_uri(None, str(self.runs))  # where train_ray and run_sweep log
+        self.log(f"runs and sweep tracked in MLflow; its UI: {tracking.ui_command(uri)}")
 
     # ------------------------------------------------------------------ Ray
 

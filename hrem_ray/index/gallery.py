@@ -1,16 +1,18 @@
 """A retrieval gallery: a split's images and captions encoded once, searched by top-k.
 
     GALLERY/
-      manifest.json        checkpoint(s) it was built with, dataset, split, sizes, dtype, ivf
+      manifest.json        checkpoint(s) it was built with, dataset, split, sizes, dtype, index
       image_embs.npy       [n_images, D] float32 or float16, L2-normalised
       caption_embs.npy     [n_captions, D]
       captions.parquet     caption_id, image_id, text
-      image.ivf            optional (``--ivf NLIST``): FAISS IVFFlat over image_embs
-      caption.ivf          optional: the same over caption_embs
+      image.faiss          optional (``--index SPEC`` other than Flat): FAISS index of image_embs
+      caption.faiss        optional: the same kind of index of caption_embs
 
 Embeddings (and IVF inverted lists) are memory-mapped when opened, so replicas on one node
-share the page cache instead of each holding a copy. Search is exact unless the gallery was
-built with IVF indexes, which trade a measured recall (``manifest["ivf"]``) for speed.
+share the page cache instead of each holding a copy. Search is exact (``Flat``) unless the
+gallery was built with FAISS indexes (``hrem_ray.index.faiss_index``), which trade a recall
+measured at build time, text queries against the image index and image queries against the
+caption index (``manifest["index"]["recall"]``), for memory and speed.
 A gallery may live at a URI (``s3://...``): it is written with a completeness marker and
 opened from this node's cache (``hrem_ray.storage``, docs/storage.md).
 
@@ -39,12 +41,13 @@ from hrem_ray.data.precomp import CAPTIONS_PER_IMAGE
 from hrem_ray.data.source import open_precomp
 from hrem_ray.embed import check_batch_size, embed_split_each, ensemble_embedding, model_id
 from hrem_ray.errors import one_line
-from hrem_ray.index.ivf import (
-    DEFAULT_NPROBE,
-    RECALL_K,
-    IvfIndex,
-    check_ivf,
+from hrem_ray.index.faiss_index import (
+    FLAT,
+    RECALL_KS,
+    FaissIndex,
+    IndexSpec,
     import_faiss,
+    parse_spec,
     recall_at_k,
     recall_sample,
 )
@@ -53,8 +56,8 @@ MANIFEST = "manifest.json"
 IMAGE_EMBS = "image_embs.npy"
 CAPTION_EMBS = "caption_embs.npy"
 CAPTIONS = "captions.parquet"
-IMAGE_IVF = "image.ivf"
-CAPTION_IVF = "caption.ivf"
+IMAGE_INDEX = "image.faiss"
+CAPTION_INDEX = "caption.faiss"
 FORMAT = "hrem-ray-gallery"
 
 
@@ -72,15 +75,16 @@ def build_gallery(
     dtype: str = "float32",
     batch_size: int = 128,
     device: str = "cpu",
-    ivf: int = 0,
-    nprobe: int = DEFAULT_NPROBE,
+    index: str = FLAT,
+    nprobe: int | None = None,
+    ef_search: int | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> Path | str:
     """Encode every image and caption of a precomp split with a checkpoint, or with several
     (an ensemble gallery, ``ensemble_embedding`` of theirs in this order); write ``out`` (a
     folder or a URI).
 
-    ``ivf`` > 0 also trains IVF indexes with that many lists (see ``write_gallery``).
+    ``index`` other than Flat also trains FAISS indexes (see ``write_gallery``).
     """
     checkpoints = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
     if not checkpoints:
@@ -88,7 +92,7 @@ def build_gallery(
     check_batch_size(batch_size)  # before minutes of loading, not as a range() error
     storage.check_access(out)
     data = open_precomp(data_path, dataset, split)
-    _check_options(dtype, ivf, nprobe, data.n_images)  # before minutes of encoding
+    check_index_options(dtype, index, nprobe, ef_search, data.n_images)  # before encoding
     for path in checkpoints:  # every one, before the first is encoded
         read_record(path)
     image_parts, caption_parts, models = [], [], []
@@ -109,8 +113,8 @@ def build_gallery(
         meta = {"models": models}
     meta.update({"dataset": dataset, "split": split})
     return write_gallery(out, ensemble_embedding(image_parts), ensemble_embedding(caption_parts),
-                         data.captions, meta, dtype=dtype, ivf=ivf, nprobe=nprobe,
-                         progress=progress)  # fmt: skip
+                         data.captions, meta, dtype=dtype, index=index, nprobe=nprobe,
+                         ef_search=ef_search, progress=progress)  # fmt: skip
 
 
 def write_gallery(
@@ -121,19 +125,22 @@ def write_gallery(
     meta: dict[str, Any],
     *,
     dtype: str = "float32",
-    ivf: int = 0,
-    nprobe: int = DEFAULT_NPROBE,
+    index: str = FLAT,
+    nprobe: int | None = None,
+    ef_search: int | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> Path | str:
     """Write a gallery folder (or URI) atomically from L2-normalised embeddings (caption i of
-    image i//5).
+    image i//5): the one assembly step of every gallery build.
 
-    With ``ivf`` = NLIST > 0, one IVFFlat index per side is trained on the stored (``dtype``)
-    vectors (as float32 copies), so that ``nprobe`` = NLIST reproduces exact search; its
-    recall@10 against exact search, on up to ``RECALL_QUERIES`` queries per side, goes in the
-    manifest and through ``progress``.
+    ``index`` is a FAISS factory string (``faiss_index.SPEC_HELP``); other than Flat, one
+    index per side is trained on the stored (``dtype``) vectors (as float32 copies), and its
+    cross-modal recall@1/5/10 against exact search (captions query the image index, images
+    the caption index, up to ``RECALL_QUERIES`` each) goes in ``manifest["index"]`` with the
+    bytes per item and the training sample's size, and through ``progress``.
     """
-    nprobe = _check_options(dtype, ivf, nprobe, len(image_embs))
+    spec, params = check_index_options(dtype, index, nprobe, ef_search, len(image_embs),
+                                       int(image_embs.shape[1]))  # fmt: skip
     imgs, caps = image_embs.astype(dtype), caption_embs.astype(dtype)
     caption_ids = np.arange(len(caps), dtype=np.int64)
     table = pa.table(
@@ -148,53 +155,76 @@ def write_gallery(
         "dtype": dtype,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    indexes: dict[str, IvfIndex] = {}
-    if ivf:
-        indexes = {IMAGE_IVF: IvfIndex.train(imgs, ivf, nprobe),
-                   CAPTION_IVF: IvfIndex.train(caps, ivf, nprobe)}  # fmt: skip
-        manifest["ivf"] = {
-            "nlist": ivf,
-            "nprobe": nprobe,
-            # text -> image: captions query the image index, and the other way round
-            "recall_at_10_images": ivf_recall(caps, imgs, indexes[IMAGE_IVF]),
-            "recall_at_10_captions": ivf_recall(imgs, caps, indexes[CAPTION_IVF]),
-        }
+    info: dict[str, Any] = {"spec": spec.spec, "params": params,
+                            "train_sample": {"images": 0, "captions": 0},
+                            "bytes_per_item": int(imgs.shape[1] * imgs.itemsize)}  # fmt: skip
+    manifest["index"] = info
+    indexes: dict[str, FaissIndex] = {}
+    if not spec.is_flat:
         if progress:
-            r = manifest["ivf"]
-            progress(
-                f"IVF nlist={ivf} nprobe={nprobe}: recall@{RECALL_K} vs exact search "
-                f"{r['recall_at_10_images']:.3f} text->image, "
-                f"{r['recall_at_10_captions']:.3f} image->text"
-            )
+            progress(f"training {spec.spec} on {spec.train_size(len(imgs))} images and "
+                     f"{spec.train_size(len(caps))} captions")  # fmt: skip
+        indexes = {IMAGE_INDEX: FaissIndex.train(imgs, spec, params),
+                   CAPTION_INDEX: FaissIndex.train(caps, spec, params)}  # fmt: skip
+        info["train_sample"] = {"images": spec.train_size(len(imgs)),
+                                "captions": spec.train_size(len(caps))}  # fmt: skip
+        info["recall"] = {  # cross-modal: text queries the image index, and the other way round
+            "text_to_image": index_recall(caps, imgs, indexes[IMAGE_INDEX]),
+            "image_to_text": index_recall(imgs, caps, indexes[CAPTION_INDEX]),
+        }
 
     def fill(tmp: Path) -> None:
         np.save(tmp / IMAGE_EMBS, imgs)
         np.save(tmp / CAPTION_EMBS, caps)
         pq.write_table(table, tmp / CAPTIONS)
-        for name, index in indexes.items():
-            index.write(tmp / name)
+        size = 0
+        for name, faiss_index in indexes.items():
+            faiss_index.write(tmp / name)
+            size += (tmp / name).stat().st_size
+        if indexes:  # both files over all items, quantisers included
+            info["bytes_per_item"] = round(size / (len(imgs) + len(caps)), 1)
+            if progress:
+                r = info["recall"]
+                progress(
+                    f"index {spec.spec} {params}: {info['bytes_per_item']} bytes/item; "
+                    "recall@1/5/10 vs exact search "
+                    + ", ".join(
+                        f"{'/'.join(f'{v:.3f}' for v in r[side].values())} {side}" for side in r
+                    )  # fmt: skip
+                )
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
 
     return storage.write_dir(out, fill)
 
 
-def _check_options(dtype: str, ivf: int, nprobe: int, n_images: int) -> int:
-    """Refuse bad settings (and IVF without faiss) up front; return the nprobe to use."""
+def check_index_options(
+    dtype: str,
+    index: str,
+    nprobe: int | None,
+    ef_search: int | None,
+    n_images: int,
+    dim: int | None = None,
+) -> tuple[IndexSpec, dict[str, int]]:
+    """Refuse bad settings (and FAISS without faiss) before any encoding; return the parsed
+    spec and its search knobs. ``dim`` None (not known before encoding) skips the PQ check
+    against the embedding size, which ``write_gallery`` then makes."""
     if dtype not in ("float32", "float16"):
         raise ValueError(f"dtype must be float32 or float16, got {dtype!r}")
-    if ivf == 0:
-        return nprobe
-    nprobe = check_ivf(ivf, nprobe, n_images)
-    import_faiss()
-    return nprobe
+    spec = parse_spec(index, n_images, dim if dim is not None else 0)
+    params = spec.params(nprobe, ef_search)
+    if not spec.is_flat:
+        import_faiss()
+    return spec, params
 
 
-def ivf_recall(queries: np.ndarray, embs: np.ndarray, ivf: IvfIndex) -> float:
-    """recall@10 of ``search`` through ``ivf`` against exact search, on sampled query rows."""
+def index_recall(queries: np.ndarray, embs: np.ndarray, index: FaissIndex) -> dict[str, float]:
+    """recall@1/5/10 of ``search`` through ``index`` against exact search, on sampled query
+    rows: |approx top-k ∩ exact top-k| / k."""
     q = np.asarray(queries[recall_sample(len(queries))], np.float32)
-    approx, _ = search(q, embs, ivf, RECALL_K)
-    exact, _ = search(q, embs, None, RECALL_K)
-    return recall_at_k(approx, exact)
+    k = max(RECALL_KS)
+    approx, _ = search(q, embs, index, k)
+    exact, _ = search(q, embs, None, k)
+    return {str(r): recall_at_k(approx, exact, r) for r in RECALL_KS}
 
 
 def check_k(k: int, most: int | None = None) -> int:
@@ -216,20 +246,27 @@ def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def search(
-    queries: np.ndarray, embs: np.ndarray, ivf: IvfIndex | None, k: int
+    queries: np.ndarray, embs: np.ndarray, index: FaissIndex | None, k: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k rows of ``embs`` per query, best first: through ``ivf`` when given, else exact.
+    """Top-k rows of ``embs`` per query, best first: through ``index`` when given, else exact.
 
-    A query whose probed lists hold fewer than k vectors is answered exactly instead, so
-    the IVF path keeps the exact path's contract: min(k, len(embs)) real ids per query.
+    A query for which the index finds fewer than k vectors (too few in the probed IVF lists)
+    is answered exactly instead, so every index keeps the exact path's contract:
+    min(k, len(embs)) real ids per query. The index's k candidates are rescored exactly
+    against the stored embeddings (k rows read per query), so scores are true cosines and
+    the order theirs, whatever the index's codes lose (PQ).
     """
-    if ivf is None:
+    if index is None:
         return top_k(scores(queries, embs), k)
     k = min(check_k(k), len(embs))
     q = np.asarray(queries, np.float32)
     flat = q.reshape(-1, q.shape[-1])
-    ids, vals = ivf.search(flat, k)
-    short = (ids < 0).any(axis=1)
+    ids, _ = index.search(flat, k)
+    found = (ids >= 0).all(axis=1)
+    vals = np.zeros(ids.shape, np.float32)
+    if found.any():
+        ids[found], vals[found] = rescore(flat[found], embs, ids[found])
+    short = ~found
     if short.any():
         ids[short], vals[short] = top_k(scores(flat[short], embs), k)
     return ids.reshape(*q.shape[:-1], k), vals.reshape(*q.shape[:-1], k)
@@ -242,8 +279,8 @@ class Gallery:
     image_embs: np.ndarray  # memory-mapped
     caption_embs: np.ndarray  # memory-mapped
     captions: list[str]
-    image_ivf: IvfIndex | None = None  # set when built with --ivf: searched instead of exact
-    caption_ivf: IvfIndex | None = None
+    image_index: FaissIndex | None = None  # set when built with a FAISS --index: searched
+    caption_index: FaissIndex | None = None  # instead of exact search
 
     @classmethod
     def open(cls, path: str | Path) -> Gallery:
@@ -256,8 +293,13 @@ class Gallery:
             raise GalleryError(f"gallery {shown}: unreadable {MANIFEST} ({e})") from None
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise GalleryError(f"{shown} is not an {FORMAT}")
-        if "ivf" in manifest:
-            _require(path, shown, (IMAGE_IVF, CAPTION_IVF))
+        if "ivf" in manifest:  # galleries of hrem-ray before --index
+            raise GalleryError(f"gallery {shown} has an old-style IVF index: rebuild it with "
+                               "hrem-ray index --index IVF<nlist>,Flat")  # fmt: skip
+        info = manifest.get("index", {"spec": FLAT})
+        spec = info.get("spec") if isinstance(info, dict) else None
+        if spec != FLAT:
+            _require(path, shown, (IMAGE_INDEX, CAPTION_INDEX))
         try:  # a truncated or foreign .npy / parquet file fails here, not in a query
             imgs = np.load(path / IMAGE_EMBS, mmap_mode="r", allow_pickle=False)
             caps = np.load(path / CAPTION_EMBS, mmap_mode="r", allow_pickle=False)
@@ -291,10 +333,10 @@ class Gallery:
                 "embeddings (a list of 2 or more, each with a model_id and a dim adding up to "
                 "it): rebuild it with hrem-ray index"
             )
-        if "ivf" not in manifest:
+        if spec == FLAT:
             return cls(path, manifest, imgs, caps, texts)
-        ivfs = _open_ivf(path, shown, manifest["ivf"], imgs, caps)
-        return cls(path, manifest, imgs, caps, texts, *ivfs)
+        indexes = _open_indexes(path, shown, info, imgs, caps)
+        return cls(path, manifest, imgs, caps, texts, *indexes)
 
     @property
     def n_images(self) -> int:
@@ -315,13 +357,43 @@ class Gallery:
         start = image_id * CAPTIONS_PER_IMAGE
         return self.captions[start : start + CAPTIONS_PER_IMAGE]
 
+    @property
+    def index_info(self) -> dict[str, Any]:
+        """``manifest["index"]``: spec, search knobs, bytes per item, training sample and the
+        recall measured at build time (galleries built before ``--index`` are Flat)."""
+        dim, itemsize = int(self.image_embs.shape[1]), self.image_embs.dtype.itemsize
+        flat = {"spec": FLAT, "params": {}, "train_sample": {"images": 0, "captions": 0},
+                "bytes_per_item": dim * itemsize}  # fmt: skip
+        return self.manifest.get("index", flat)
+
+    @property
+    def search_params(self) -> dict[str, int]:
+        """The FAISS knobs searches run with now (``{}`` for exact search)."""
+        return dict(self.image_index.params) if self.image_index is not None else {}
+
+    def set_search_params(self, **params: int) -> dict[str, int]:
+        """Change the FAISS knobs (``nprobe``, ``efSearch``) of both indexes in place, for
+        this process; a knob the index does not take is an error. Returns the knobs now."""
+        spec = parse_spec(self.index_info["spec"], self.n_images, int(self.image_embs.shape[1]))
+        known = spec.params(None, None)
+        unknown = sorted(set(params) - set(known))
+        if unknown:
+            raise ValueError(f"index {spec.spec} takes the search parameters {sorted(known)}, "
+                             f"not {unknown}")  # fmt: skip
+        now = spec.params(params.get("nprobe"), params.get("efSearch"))
+        now = {name: now[name] for name in params}
+        for index in (self.image_index, self.caption_index):
+            if index is not None:
+                index.configured(**now)
+        return self.search_params
+
     def search_images(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k image ids and scores for each caption embedding (rows of ``queries``)."""
-        return search(queries, self.image_embs, self.image_ivf, k)
+        return search(queries, self.image_embs, self.image_index, k)
 
     def search_captions(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k caption ids and scores for each image embedding."""
-        return search(queries, self.caption_embs, self.caption_ivf, k)
+        return search(queries, self.caption_embs, self.caption_index, k)
 
 
 def _valid_models(models: Any, dim: int) -> bool:
@@ -347,23 +419,46 @@ def _require(path: Path, shown: str, names: tuple[str, ...]) -> None:
             raise GalleryError(f"gallery {shown} is incomplete: missing {name}")
 
 
-def _open_ivf(
-    path: Path, shown: str, ivf: Any, imgs: np.ndarray, caps: np.ndarray
-) -> tuple[IvfIndex, IvfIndex]:
-    """The two IVF indexes, checked against the embeddings and ``manifest["ivf"]``."""
-    try:  # ValueError: faiss missing or a bad nlist/nprobe; RuntimeError: faiss's own errors
-        nprobe = check_ivf(ivf["nlist"], ivf["nprobe"], len(imgs))
-        indexes = [IvfIndex.read(path / name, nprobe) for name in (IMAGE_IVF, CAPTION_IVF)]
-        found = [(x.index.ntotal, x.index.d, x.index.nlist) for x in indexes]
+def _open_indexes(
+    path: Path, shown: str, info: dict[str, Any], imgs: np.ndarray, caps: np.ndarray
+) -> tuple[FaissIndex, FaissIndex]:
+    """The two FAISS indexes, checked against the embeddings and ``manifest["index"]``."""
+    try:  # ValueError: faiss missing or bad settings; RuntimeError: faiss's own errors
+        spec = parse_spec(info["spec"], len(imgs), imgs.shape[1])
+        params, saved = spec.params(None, None), info["params"]
+        if set(saved) != set(params):
+            raise ValueError(f"search parameters {sorted(saved)}, want {sorted(params)}")
+        params = spec.params(saved.get("nprobe"), saved.get("efSearch"))
+        indexes = [FaissIndex.read(path / name, params) for name in (IMAGE_INDEX, CAPTION_INDEX)]
+        found = [(x.index.ntotal, x.index.d, _nlist(x.index)) for x in indexes]
     except (ValueError, RuntimeError, KeyError, TypeError, AttributeError) as e:
-        raise GalleryError(f"gallery {shown}: unusable IVF index ({one_line(e)})") from None
-    want = [(len(embs), embs.shape[1], ivf["nlist"]) for embs in (imgs, caps)]
+        raise GalleryError(f"gallery {shown}: unusable FAISS index ({one_line(e)})") from None
+    want = [(len(embs), embs.shape[1], spec.nlist) for embs in (imgs, caps)]
     if found != want:
         raise GalleryError(
-            f"gallery {shown}: IVF indexes (size, dim, nlist) {found} disagree with its "
+            f"gallery {shown}: FAISS indexes (size, dim, nlist) {found} disagree with its "
             f"embeddings and manifest {want}: rebuild it with hrem-ray index"
         )
     return indexes[0], indexes[1]
+
+
+def _nlist(index: Any) -> int:
+    """The IVF lists of an index (behind OPQ too), 0 for one without."""
+    faiss = import_faiss()
+    try:
+        return int(faiss.extract_index_ivf(index).nlist)
+    except RuntimeError:  # not an IVF index
+        return 0
+
+
+def rescore(
+    queries: np.ndarray, embs: np.ndarray, ids: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """[n, k] candidate ``ids`` per query, ordered by their exact scores, and those scores."""
+    rows = np.asarray(embs[ids.ravel()], np.float32).reshape(*ids.shape, -1)
+    vals = np.einsum("nd,nkd->nk", queries, rows)
+    order = np.argsort(-vals, axis=-1, kind="stable")
+    return np.take_along_axis(ids, order, -1), np.take_along_axis(vals, order, -1)
 
 
 SCORE_CHUNK = 1 << 16  # gallery rows converted to float32 at a time (float16 galleries)

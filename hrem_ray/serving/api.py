@@ -177,6 +177,27 @@ class ServedModel(BaseModel):
     embed_dim: int
 
 
+class RegistryVersion(BaseModel):
+    name: str
+    version: str
+
+
+class SwapRefused(BaseModel):
+    reason: str  # one line, without storage locations (the replica's log has them)
+    at: float  # Unix time of the refusal
+
+
+class IndexStatus(BaseModel):
+    """The gallery's index: its FAISS spec (Flat: exact search), the knobs searches run with
+    now, and what ``hrem-ray index`` measured (docs/serving.md, "Choosing an index")."""
+
+    spec: str
+    params: dict[str, int]
+    bytes_per_item: float
+    train_sample: dict[str, int]  # images, captions the quantisers trained on
+    recall: dict[str, dict[str, float]] | None = None  # text_to_image/image_to_text: k -> recall
+
+
 class Status(BaseModel):
     status: Literal["ready"]
     model_id: str
@@ -186,6 +207,9 @@ class Status(BaseModel):
     img_dim: int
     embed_dim: int
     models: list[ServedModel]  # one, or an ensemble's in order; embed_dim is their sum
+    index: IndexStatus
+    registry: list[RegistryVersion]  # the registry versions served (models:/...), else empty
+    swap_refused: SwapRefused | None  # the last swap, when it failed and the model stayed
 
 
 def image_models(img_dim: int) -> dict[str, Any]:

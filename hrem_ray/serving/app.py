@@ -17,11 +17,15 @@ import sys
 from typing import Any
 
 import numpy as np
+import ray
+import torch
 from ray import serve
 
 from hrem_ray import storage
+from hrem_ray.registry import is_model_ref, resolve_checkpoints
 from hrem_ray.serving.api import LocalBackend, build_app, check_api_key
 from hrem_ray.serving.service import Model, RetrievalService, check_served, checkpoint_list
+from hrem_ray.tracking import URI_ENV
 
 # No waiting for a batch to fill: a lone query runs at once (a 5 ms wait cost 5 ms at
 # concurrency 1), and under load the queries that arrive while a batch runs form the next one.
@@ -58,19 +62,30 @@ class Retriever(RetrievalService):
     faster than an ingress deployment in front). Text queries are batched here."""
 
     def __init__(self, checkpoint: str | list[str], gallery: str, api_key: str | None = None):
-        super().__init__(checkpoint, gallery)
+        super().__init__(checkpoint, gallery, device=replica_device())
         self.api_key = api_key or os.environ.get("HREM_API_KEY") or None
+        self._configured = False  # until the first reconfigure (see there)
 
     def __serve_build_asgi_app__(self):
         return build_app(LocalBackend(self), api_key=self.api_key)
 
     def reconfigure(self, config: dict[str, Any]) -> None:
-        """user_config: {checkpoint (one, or a list for an ensemble), gallery, max_batch_size,
-        batch_wait_timeout_s}."""
-        self.swap(
+        """user_config: {checkpoint (one, or a list for an ensemble; paths, URIs or
+        ``models:/`` references, resolved anew), gallery, max_batch_size, batch_wait_timeout_s,
+        search_params ({nprobe} or {efSearch} over the gallery's, set on the loaded index
+        without reloading anything)}.
+        A swap into a serving replica that fails keeps the running model (``try_swap``):
+        Serve stops a replica whose reconfigure raises, so a bad swap would take down the
+        replicas that were serving. A starting replica's first call must load what it is
+        configured with, so there a failure raises and Serve starts the replica again, while
+        the replicas it replaces keep serving (``max_surge_percent``)."""
+        swap = self.try_swap if self._configured else self.swap
+        swap(
             config.get("checkpoint", self.current.checkpoints),
             config.get("gallery", self.current.gallery_ref),
         )
+        self._configured = True
+        self.set_search_params(config.get("search_params", {}))
         batch = {**DEFAULT_BATCH, **config}
         self._embed_batch.set_max_batch_size(int(batch["max_batch_size"]))
         self._embed_batch.set_batch_wait_timeout_s(float(batch["batch_wait_timeout_s"]))
@@ -86,6 +101,13 @@ class Retriever(RetrievalService):
         return await self._embed_batch(query)
 
 
+def replica_device() -> str:
+    """A replica's torch device: its GPU when Ray gave it one (``num_gpus`` in its
+    ``ray_actor_options``; Ray sets ``CUDA_VISIBLE_DEVICES`` to it, so it is ``cuda``), else
+    the CPU, the default."""
+    return "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+
+
 def app_builder(args: dict[str, str]) -> serve.Application:
     """``serve run``/``serve deploy`` entry: args ``checkpoint`` (a list for an ensemble),
     ``gallery``, ``api_key``."""
@@ -94,6 +116,7 @@ def app_builder(args: dict[str, str]) -> serve.Application:
         raise ValueError(f"the HREM app needs the argument(s) {', '.join(missing)}")
     if args.get("api_key"):
         check_api_key(args["api_key"])
+    resolve_checkpoints(args["checkpoint"])  # a missing models:/ name fails the deploy here
     return Retriever.bind(args["checkpoint"], args["gallery"], args.get("api_key"))
 
 
@@ -106,19 +129,33 @@ def run_service(
     api_key: str | None = None,
     max_replicas: int = 2,
     check: bool = True,
+    search_params: dict[str, int] | None = None,
+    num_gpus: float = 0.0,
 ) -> str:
     """Start the app on the current Ray cluster; returns its URL (it keeps running).
     ``checkpoint``: one, or an ensemble's in the order its gallery was built with.
-    ``check=False``: the caller has already run ``check_served``."""
+    ``check=False``: the caller has already run ``check_served``. ``search_params``
+    (``nprobe``, ``efSearch``) override the gallery's, as the ``user_config`` key.
+    ``num_gpus``: each replica's share of a GPU (0.25: four replicas share a card); its towers
+    then run there (``replica_device``)."""
     checkpoints = checkpoint_list(checkpoint)
     if check:
-        check_served(checkpoints, gallery)  # fail here, not in a replica
+        check_served(resolve_checkpoints(checkpoints)[0], gallery)  # here, not in a replica
     if api_key:
         check_api_key(api_key)
     serve.start(http_options={"host": host, "port": port, **HTTP_TIMEOUTS})
     autoscaling = {**AUTOSCALING, "max_replicas": max(max_replicas, AUTOSCALING["min_replicas"])}
-    served = [storage.absolute(c) for c in checkpoints]
-    app = Retriever.options(autoscaling_config=autoscaling).bind(
+    served = [c if is_model_ref(c) else storage.absolute(c) for c in checkpoints]
+    options: dict[str, Any] = {"autoscaling_config": autoscaling}
+    if any(map(is_model_ref, served)) and os.environ.get(URI_ENV):  # the replicas' registry
+        runtime_env = {"env_vars": {URI_ENV: os.environ[URI_ENV]}}
+        options["ray_actor_options"] = {**Retriever.ray_actor_options, "runtime_env": runtime_env}
+    if num_gpus:
+        actor = options.get("ray_actor_options", Retriever.ray_actor_options)
+        options["ray_actor_options"] = {**actor, "num_gpus": float(num_gpus)}
+    if search_params:  # the user_config key, so that a redeploy can change it
+        options["user_config"] = {"search_params": search_params}
+    app = Retriever.options(**options).bind(
         served[0] if len(served) == 1 else served, storage.absolute(gallery), api_key
     )
     serve.run(app, name="hrem", route_prefix="/")

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,10 +26,19 @@ import torch
 from hrem_ray.checkpoint import load_checkpoint, read_record
 from hrem_ray.data.precomp import CAPTIONS_PER_IMAGE
 from hrem_ray.data.tokenize import CaptionTokenizer
-from hrem_ray.embed import embed_captions, embed_features, ensemble_embedding, model_id
+from hrem_ray.embed import (
+    embed_captions,
+    embed_features,
+    ensemble_embedding,
+    model_id,
+    served_model_id,
+)
+from hrem_ray.errors import one_line
+from hrem_ray.index.faiss_index import import_faiss
 from hrem_ray.index.gallery import Gallery, check_k
-from hrem_ray.index.ivf import import_faiss
+from hrem_ray.registry import Registered, describe, resolve_checkpoints
 
+log = logging.getLogger(__name__)
 MAX_QUERY_CHARS = 1000
 MAX_K = 100
 MAX_REGIONS = 100
@@ -113,6 +125,7 @@ class Model:
     checkpoints: tuple[str, ...]
     gallery_ref: str
     device: str
+    registered: tuple[Registered, ...] = ()  # the registry versions the checkpoints came from
     members: list[Member] = field(init=False)
     gallery: Gallery = field(init=False)
     img_dim: int = field(init=False)
@@ -126,7 +139,7 @@ class Model:
         self.members = [Member(c, self.device) for c in self.checkpoints]
         ids = [m.model_id for m in self.members]
         check_models(self.gallery, self.gallery_ref, self.checkpoints, ids)
-        if self.gallery.manifest.get("ivf"):
+        if self.gallery.image_index is not None:
             import_faiss().omp_set_num_threads(1)  # one core per replica, as torch
         dim = sum(m.embed_dim for m in self.members)
         if self.gallery.manifest["dim"] != dim:
@@ -139,7 +152,7 @@ class Model:
         if len(img_dims) != 1:  # not the models of any gallery
             raise ValueError(f"the checkpoints take features of different sizes {img_dims}")
         self.img_dim = img_dims[0]
-        self.model_id = ids[0] if len(ids) == 1 else _digest(" ".join(ids).encode())
+        self.model_id = served_model_id(ids)
         self.gallery_id = _digest(json.dumps(self.gallery.manifest, sort_keys=True).encode())
 
     def embed_texts(self, queries: list[str]) -> np.ndarray:
@@ -210,6 +223,12 @@ def check_served(checkpoint: str | Path | Sequence[str | Path], gallery: str | P
         check_models(opened, str(gallery), checkpoints, ids)
 
 
+def _without_locations(message: str) -> str:
+    """``message`` with its URIs and absolute paths replaced: ``/readyz`` is open and shows
+    no storage locations (the log has the full message)."""
+    return re.sub(r"[a-z0-9+]+://\S+|(?<![\w.])/[^\s:,()]+", "<location>", message)
+
+
 def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
@@ -226,16 +245,19 @@ class RetrievalService:
     ):
         torch.set_num_threads(1)
         self.device = device
-        self.current = Model(checkpoint_list(checkpoint), str(gallery), device)
+        checkpoints, registered = resolve_checkpoints(checkpoint_list(checkpoint))
+        self.current = Model(checkpoints, str(gallery), device, registered)
+        self.swap_refused: dict[str, Any] | None = None
 
     def swap(self, checkpoint: str | Path | Sequence[str | Path], gallery: str | Path) -> None:
         """Load new checkpoint(s) and gallery, then swap them in with one assignment, so that
         requests in flight finish on the old pair. The request schema was built for the
-        current shapes, so a swap must keep them."""
-        checkpoints = checkpoint_list(checkpoint)
+        current shapes, so a swap must keep them. A ``models:/`` reference is resolved anew,
+        so the same reference after its alias moved swaps in the version it now names."""
+        checkpoints, registered = resolve_checkpoints(checkpoint_list(checkpoint))
         if (checkpoints, str(gallery)) == (self.current.checkpoints, self.current.gallery_ref):
             return
-        new = Model(checkpoints, str(gallery), self.device)
+        new = Model(checkpoints, str(gallery), self.device, registered)
         old = self.current
         if (new.img_dim, new.gallery.manifest["dim"]) != (
             old.img_dim,
@@ -248,6 +270,32 @@ class RetrievalService:
                 "application instead of swapping it in"
             )
         self.current = new
+
+    def try_swap(self, checkpoint: str | Path | Sequence[str | Path], gallery: str | Path) -> bool:
+        """``swap``, except that a swap that fails (files that cannot be fetched, a corrupt or
+        mismatched checkpoint) never stops the service: the current model keeps answering, and
+        the reason is logged and shown by ``status`` until a later swap succeeds
+        (docs/serving.md#swapping-the-model)."""
+        try:
+            self.swap(checkpoint, gallery)
+        except Exception as e:  # any failure to load leaves the running model in place
+            reason = one_line(e)
+            log.warning("swap refused, still serving model %s: %s", self.current.model_id, reason)
+            self.swap_refused = {"reason": _without_locations(reason), "at": time.time()}
+            return False
+        self.swap_refused = None
+        return True
+
+    def set_search_params(self, params: dict[str, int]) -> dict[str, int]:
+        """The FAISS knobs (``nprobe``, ``efSearch``) to search with: ``params`` over the
+        gallery's own, set on the loaded index (nothing reloads); returns those in force. Knobs
+        the index does not take are logged and ignored, as a refused swap: never a stop."""
+        gallery = self.current.gallery
+        try:
+            return gallery.set_search_params(**{**gallery.index_info["params"], **params})
+        except ValueError as e:
+            log.warning("search parameters %s refused: %s", params, one_line(e))
+            return gallery.search_params
 
     @property
     def img_dim(self) -> int:
@@ -301,6 +349,9 @@ class RetrievalService:
                 "img_dim": m.img_dim,
                 "embed_dim": int(m.gallery.manifest["dim"]),
                 "models": [{"model_id": x.model_id, "embed_dim": x.embed_dim} for x in m.members],
+                "index": {**m.gallery.index_info, "params": m.gallery.search_params},
+                "registry": [describe(r) for r in m.registered],
+                "swap_refused": self.swap_refused,
             }
         )
 

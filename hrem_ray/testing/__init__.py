@@ -32,6 +32,7 @@ __all__ = [
     "free_port",
     "is_loopback",
     "metric_samples",
+    "start_mlflow_server",
     "start_moto",
     "stop_group",
     "tiny_data_and_checkpoint",
@@ -127,3 +128,60 @@ def stop_group(proc: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def start_mlflow_server(
+    root: Path,
+    s3_endpoint: str,
+    bucket: str,
+    *,
+    port: int | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 90.0,
+) -> tuple[subprocess.Popen, str]:
+    """Start ``mlflow server`` with ``root/mlflow.db`` as its store and
+    ``s3://bucket/mlflow`` (at ``s3_endpoint``) as its artifact destination; return the
+    process and its tracking URI once ``/health`` answers. Stop it with ``stop_group``.
+
+    The server proxies artifacts (``mlflow-artifacts:/``), so clients need no S3 credentials;
+    the server itself gets moto's test credentials. ``env`` adds to its environment.
+    """
+    from hrem_ray.tracking import QUIET_ENV  # no telemetry from the server either
+
+    root.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
+    server_env = {
+        **os.environ,
+        **QUIET_ENV,
+        "AWS_ENDPOINT_URL": s3_endpoint,
+        "MLFLOW_S3_ENDPOINT_URL": s3_endpoint,
+        "AWS_ACCESS_KEY_ID": os.environ.get("AWS_ACCESS_KEY_ID", "testing"),
+        "AWS_SECRET_ACCESS_KEY": os.environ.get("AWS_SECRET_ACCESS_KEY", "testing"),
+        "AWS_DEFAULT_REGION": os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+        **(env or {}),
+    }
+    log = open(root / "server.log", "wb")  # noqa: SIM115 - the child owns it from here
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}"]
+    cmd += ["--artifacts-destination", f"s3://{bucket}/mlflow"]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=root,
+        env=server_env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    log.close()
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(f"{uri}/health", timeout=1).close()
+            return proc, uri
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                stop_group(proc)
+                tail = (root / "server.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"mlflow server on port {port} did not start:\n{tail}") from None
+            time.sleep(0.25)

@@ -12,7 +12,8 @@ from pathlib import Path
 from hrem_ray import storage
 from hrem_ray.config import HREMConfig
 from hrem_ray.data.source import encoded
-from hrem_ray.train.history import write_history
+from hrem_ray.tracking import data_identity
+from hrem_ray.train.history import LiveMetrics, write_history
 from hrem_ray.train.loop import EpochReport, fit
 from hrem_ray.train.setup import (
     build_trainee,
@@ -30,13 +31,15 @@ def train_local(
     *,
     resume: bool = False,
     device: str = "cpu",
+    tracking_uri: str | None = None,
     log: Callable[[str], None] = print,
 ) -> str:
     """Train on ``cfg.data``'s train split, select on its dev split; returns the best checkpoint.
 
     Writes ``run_dir/last`` (with optimizer state, every epoch), ``run_dir/best``,
     ``metrics.jsonl`` and the metrics files of ``train/history.py``. A URI ``run_dir`` gets
-    the same files, each published there as soon as it is written locally.
+    the same files, each published there as soon as it is written locally. Live metrics go
+    to ``run_dir/tensorboard/`` and, with a ``tracking_uri``, to an MLflow run.
     """
     run_dir = storage.absolute(run_dir)
     check_new_run(run_dir, resume)
@@ -58,6 +61,12 @@ def train_local(
         log(f"{cfg.train.epochs} epochs of {train.steps_per_epoch(cfg.train.batch_size)} "
             f"steps of batch {cfg.train.batch_size}")  # fmt: skip
         tokens = encoded(train.captions, trainee.tokenizer)
+        steps = train.steps_per_epoch(cfg.train.batch_size)
+        live = LiveMetrics.open(
+            run_dir, cfg, {"local": True, "device": device, "resume": resume}, uri=tracking_uri,
+            data_id=data_identity(train.blocks, train.caps_path), workers=1, devices=device,
+            resume=resume, run_name=Path(run_dir).name,
+        )  # fmt: skip
 
         def epoch_batches(epoch: int):
             return train.batches(
@@ -79,11 +88,17 @@ def train_local(
             lines = "".join(json.dumps(h) + "\n" for h in r.state.history)
             storage.write_text(storage.join(run_dir, "metrics.jsonl"), lines)
 
-        state = fit(
-            trainee.model, trainee.optimizer, cfg, epoch_batches=epoch_batches,
-            evaluate=dev_evaluator(trainee, device), report=report, state=trainee.state,
-            device=device, generator=trainee.generator, log=log,
-        )  # fmt: skip
-    write_history(state.history, run_dir)
+        try:
+            state = fit(
+                trainee.model, trainee.optimizer, cfg, epoch_batches=epoch_batches,
+                evaluate=dev_evaluator(trainee, device), report=report, state=trainee.state,
+                device=device, generator=trainee.generator, log=log, track=live.point,
+                steps_per_epoch=steps,
+            )  # fmt: skip
+        except BaseException:
+            live.finish(None, [], "FAILED")
+            raise
+    files = write_history(state.history, run_dir)
+    live.finish(storage.join(run_dir, "best"), files)
     log(f"best dev rsum {state.best_rsum:.2f} at epoch {state.best_epoch + 1}")
     return storage.join(run_dir, "best")

@@ -29,6 +29,8 @@ from hrem_ray.train.optim import set_epoch_lr
 
 # (local encodings, local image ids) -> (global encodings, global image ids)
 Gather = Callable[[Encoded, Tensor], tuple[Encoded, Tensor]]
+# (global step, metrics) -> None: where live metric points go (rank 0 only)
+Track = Callable[[int, dict[str, float]], None]
 
 
 def seed_everything(seed: int) -> None:
@@ -171,14 +173,22 @@ def train_epoch(
     generator: torch.Generator | None = None,
     gather: Gather | None = None,
     log: Callable[[str], None] | None = print,
+    track: Track | None = None,
+    steps_per_epoch: int | None = None,
 ) -> dict[str, float]:
     """Run one epoch, advancing ``state.iteration``; returns mean loss parts and timings.
 
-    The parts are summed on the device and read once at the end (and at progress lines)."""
+    Every ``log_every`` steps (:func:`log_interval`) a progress line goes to ``log`` and the
+    window's mean loss parts, learning rate, samples/s and data-wait share go to ``track``
+    at the global step :func:`global_step`. The parts are summed on the device and read
+    only then and at the end."""
     sums: dict[str, Tensor] = {}
+    window: dict[str, Tensor] = {}
     steps = skipped = samples = 0
     wait = first = 0.0
+    every = log_interval(cfg.train, steps_per_epoch)
     start = tick = time.perf_counter()
+    mark = (start, 0.0, 0, 0)  # the window's start: time, data wait, samples, steps
     for batch in batches:
         wait += time.perf_counter() - tick
         first = first or wait  # a pipeline's start-up: reading a shard split starts one per epoch
@@ -194,14 +204,24 @@ def train_epoch(
             state.iteration += 1
             for k, v in parts.items():
                 sums[k] = sums[k] + v.double() if k in sums else v.double()
+                window[k] = window[k] + v.double() if k in window else v.double()
         samples += len(batch)
-        if log and parts is not None and steps % cfg.train.log_every == 0:
-            log(
-                f"epoch {state.epoch + 1} step {steps} iter {state.iteration} "
-                f"loss {float(sums['loss']) / steps:.4f} "
-                f"({samples / (time.perf_counter() - start):.1f} "
-                "samples/s)"
-            )
+        if parts is not None and steps % every == 0 and (log or track):
+            now = time.perf_counter()
+            if log:
+                log(
+                    f"epoch {state.epoch + 1} step {steps} iter {state.iteration} "
+                    f"loss {float(sums['loss']) / steps:.4f} "
+                    f"({samples / (now - start):.1f} samples/s)"
+                )
+            if track:
+                seconds, n = now - mark[0], steps - mark[3]
+                point = {f"train/{k}": float(v) / n for k, v in window.items()}
+                point.update({"train/lr": optimizer.param_groups[0]["lr"],
+                              "train/samples_per_s": (samples - mark[2]) / seconds,
+                              "train/data_wait_frac": (wait - mark[1]) / seconds})  # fmt: skip
+                track(global_step(state.epoch, steps + skipped, steps_per_epoch, state), point)
+            window, mark = {}, (now, wait, samples, steps)
         tick = time.perf_counter()
     seconds = time.perf_counter() - start
     means = torch.stack(list(sums.values())).div(max(steps, 1)).tolist() if sums else []
@@ -217,6 +237,20 @@ def train_epoch(
     return metrics
 
 
+def log_interval(cfg: TrainConfig, steps_per_epoch: int | None) -> int:
+    """Steps between live points: ``train.log_every``, or with 0 about 20 an epoch."""
+    if cfg.log_every:
+        return cfg.log_every
+    return max(1, (steps_per_epoch or 1000) // 20)
+
+
+def global_step(epoch: int, batch: int, steps_per_epoch: int | None, state: TrainState) -> int:
+    """The x of a live point: from the epoch and the batch within it (skipped steps count),
+    so a restarted or resumed run that redoes an epoch lands on the same steps again; the
+    optimizer's iteration when the epoch's length is not known."""
+    return state.iteration if steps_per_epoch is None else epoch * steps_per_epoch + batch
+
+
 def fit(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -230,11 +264,14 @@ def fit(
     generator: torch.Generator | None = None,
     gather: Gather | None = None,
     log: Callable[[str], None] | None = print,
+    track: Track | None = None,
+    steps_per_epoch: int | None = None,
 ) -> TrainState:
     """Train from ``state.epoch`` to ``cfg.train.epochs``, evaluating and reporting each epoch.
 
     Model selection is on the dev ``rsum`` that ``evaluate`` returns (the authors selected
-    on the test split). ``report`` is where checkpoints get written.
+    on the test split). ``report`` is where checkpoints get written. ``track`` gets the live
+    points of ``train_epoch`` and each epoch's dev metrics, at the epoch's last global step.
     """
     state = state or TrainState()
     apply_train_keys(model, cfg.train)
@@ -246,11 +283,12 @@ def fit(
                 generator.manual_seed(sampler_seed(cfg.train.seed, epoch))
             metrics = train_epoch(
                 model, epoch_batches(epoch), optimizer, state, cfg,
-                device=device, generator=generator, gather=gather, log=log,
+                device=device, generator=generator, gather=gather, log=log, track=track,
+                steps_per_epoch=steps_per_epoch,
             )  # fmt: skip
             metrics["lr_factor"] = factor
-            if evaluate is not None:
-                metrics.update(evaluate(getattr(model, "module", model)))
+            dev = evaluate(getattr(model, "module", model)) if evaluate is not None else {}
+            metrics.update(dev)
             is_best = "rsum" in metrics and metrics["rsum"] > state.best_rsum
             if is_best:
                 state.best_rsum, state.best_epoch = float(metrics["rsum"]), epoch
@@ -258,6 +296,10 @@ def fit(
             state.history.append({"epoch": epoch, **_scalars(metrics)})
             if log:
                 log(_epoch_line(epoch, cfg.train.epochs, metrics, is_best))
+            if track:
+                batches = metrics["steps"] + metrics["skipped_steps"]
+                point = {f"dev/{k}": v for k, v in _scalars(dev).items()} | {"epoch": epoch}
+                track(global_step(epoch, batches, steps_per_epoch, state), point)
             report(EpochReport(epoch, metrics, is_best, state))
     return state
 

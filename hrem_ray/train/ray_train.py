@@ -10,6 +10,7 @@ iteration).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import tempfile
 from collections.abc import Callable
@@ -36,8 +37,9 @@ from hrem_ray.data.ray_data import data_error, pairs_dataset
 from hrem_ray.data.source import open_source, token_lookup
 from hrem_ray.options import RayRunOptions
 from hrem_ray.ray_runtime import LineRelay
+from hrem_ray.tracking import data_identity, run_uri
 from hrem_ray.train.distributed import gather_encoded, world_size, wrap_ddp
-from hrem_ray.train.history import write_history
+from hrem_ray.train.history import LiveMetrics, write_history
 from hrem_ray.train.loop import EpochReport, fit
 from hrem_ray.train.setup import (
     build_trainee,
@@ -104,11 +106,15 @@ def train_worker(config: dict[str, Any]) -> None:
             path = save_epoch(Path(tmp) / "checkpoint", trainee, r)
             ray.train.report(epoch_metrics(r), checkpoint=Checkpoint.from_directory(str(path)))
 
+    send = config.get("log") if rank == 0 else None
+    live = config.get("live") and send  # rank 0's points travel to the driver with its lines
+
     fit(
         wrapped, trainee.optimizer, cfg, epoch_batches=epoch_batches, evaluate=evaluate,
         report=report, state=trainee.state, device=device, generator=trainee.generator,
-        gather=gather_encoded if workers > 1 else None,
-        log=config.get("log") if rank == 0 else None,
+        gather=gather_encoded if workers > 1 else None, log=send,
+        track=(lambda step, point: send((step, point))) if live else None,
+        steps_per_epoch=train.steps_per_epoch(cfg.train.batch_size),
     )  # fmt: skip
 
 
@@ -117,11 +123,13 @@ def build_trainer(
     options: RayRunOptions,
     *,
     callbacks: list | None = None,
-    log: Callable[[str], None] | None = None,
+    log: Callable[[Any], None] | None = None,
+    live: bool = False,
 ) -> TorchTrainer:
     """A TorchTrainer for ``cfg`` (on a resolved copy): the data is checked first, from
     headers and captions only, so a bad path fails here rather than on a worker. Rank 0's
-    progress lines go to ``log`` (e.g. a ``LineRelay``'s ``send``)."""
+    progress lines go to ``log`` (e.g. a ``LineRelay``'s ``send``), and with ``live`` its
+    live metric points too, as ``(step, metrics)`` tuples."""
     cfg = resolve_config(cfg)
     train = check_data(cfg, options.num_workers)
     if log:
@@ -129,7 +137,7 @@ def build_trainer(
     storage_path, storage_filesystem = storage.ray_storage(options.storage_path)
     return TorchTrainer(
         train_worker,
-        train_loop_config={"hrem": cfg.to_dict(), "log": log},
+        train_loop_config={"hrem": cfg.to_dict(), "log": log, "live": live},
         scaling_config=ScalingConfig(
             num_workers=options.num_workers,
             use_gpu=options.use_gpu,
@@ -162,26 +170,48 @@ def train_ray(
     cfg: HREMConfig, options: RayRunOptions, *, log: Callable[[str], None] = print
 ) -> str:
     """Fit on Ray Train; returns ``<run>/best``, a copy of the best checkpoint (by dev rsum)
-    inside the run's storage, local or a URI, next to the run's metrics files."""
+    inside the run's storage, local or a URI, next to the run's metrics files. The driver
+    writes rank 0's live metrics (``LiveMetrics``): the tracking store need only be
+    reachable from here."""
     path = run_path(options.storage_path, options.name)
     check_new_run(path, options.resume)
-    with LineRelay(log) as relay:
-        try:
-            result = build_trainer(cfg, options, log=relay.send).fit()
-        except Exception as e:  # fit() raises a worker's error wrapped in Ray Train's
-            cause = data_error(e)
-            if cause is None:
-                raise
-            raise cause from None
-    if result.error is not None:
-        raise data_error(result.error) or result.error
-    best, metrics = max(result.best_checkpoints or [], key=lambda cm: cm[1].get(METRIC, -1e9),
-                        default=(None, None))  # fmt: skip
-    if best is None:
-        raise RuntimeError(f"run {path} finished without a checkpoint")
+    resolved = resolve_config(cfg)
+    train = check_data(resolved, options.num_workers)
+    live = LiveMetrics.open(
+        path, resolved, dataclasses.asdict(options), uri=run_uri(options),
+        data_id=data_identity(train.blocks, train.caps_path), workers=options.num_workers,
+        devices="gpu" if options.use_gpu else "cpu", resume=options.resume, run_name=options.name,
+    )  # fmt: skip
+
+    def relayed(item: str | tuple[int, dict[str, float]]) -> None:
+        if isinstance(item, tuple):
+            live.point(*item)
+        else:
+            log(item)
+
+    try:
+        with LineRelay(relayed) as relay:
+            try:
+                result = build_trainer(cfg, options, log=relay.send, live=True).fit()
+            except Exception as e:  # fit() raises a worker's error wrapped in Ray Train's
+                cause = data_error(e)
+                if cause is None:
+                    raise
+                raise cause from None
+        if result.error is not None:
+            raise data_error(result.error) or result.error
+        best, metrics = max(result.best_checkpoints or [],
+                            key=lambda cm: cm[1].get(METRIC, -1e9),
+                            default=(None, None))  # fmt: skip
+        if best is None:
+            raise RuntimeError(f"run {path} finished without a checkpoint")
+    except BaseException:
+        live.finish(None, [], "FAILED")
+        raise
     log(f"best dev {METRIC} {metrics[METRIC]:.2f} at epoch {int(metrics['epoch']) + 1}")
     latest = storage.fetch_dir(storage.join(path, os.path.basename(result.checkpoint.path)))
-    write_history(load_train_state(latest)["state"]["history"], path)
+    files = write_history(load_train_state(latest)["state"]["history"], path)
     best_copy = copy_checkpoint(storage.join(path, os.path.basename(best.path)),
                                 storage.join(path, "best"))  # fmt: skip
+    live.finish(str(best_copy), files)
     return str(best_copy)

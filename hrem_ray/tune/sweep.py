@@ -24,7 +24,7 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-from hrem_ray import storage
+from hrem_ray import storage, tracking
 from hrem_ray.checkpoint import (
     CheckpointError,
     copy_checkpoint,
@@ -117,16 +117,57 @@ def _quiet_tune_console() -> Iterator[None]:
             os.environ["RAY_AIR_NEW_OUTPUT"] = before
 
 
-def _searcher(space: SearchSpace, metric: str):
+def searcher(space: SearchSpace, metric: str, seed: int | None = None, max_concurrent: int = 0):
+    """The space's search algorithm; with ``seed`` (a sweep's ``train.seed``, ``--seed``) its
+    draws are reproducible: the same trials, in the same order, for the same seed."""
     if space.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
-        return OptunaSearch(metric=metric, mode="max")
+        return OptunaSearch(metric=metric, mode="max", seed=seed)
     if space.search == "hyperopt":
         from ray.tune.search.hyperopt import HyperOptSearch
 
-        return HyperOptSearch(metric=metric, mode="max")
-    return None  # random sampling and grid_search are built into Tune's variant generator
+        return HyperOptSearch(metric=metric, mode="max", random_state_seed=seed)
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    # Random sampling and grid_search. Tune ignores TuneConfig's max_concurrent_trials for a
+    # search generator passed in: it takes its own limit (0: none).
+    return BasicVariantGenerator(random_state=seed, max_concurrent=max_concurrent)
+
+
+class TrialRuns(tune.Callback):
+    """A sweep in MLflow: one child run per trial under the sweep's parent run, with its
+    searched params and per-epoch curve (``MLflowLoggerCallback``), and, where ASHA stopped
+    it, the epoch it stopped after."""
+
+    def __init__(self, uri: str, parent_id: str, epochs: int) -> None:
+        from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+        tracking.quiet()
+        self.epochs = epochs
+        self.mlflow = MLflowLoggerCallback(
+            tracking_uri=uri, experiment_name=tracking.EXPERIMENT,
+            tags={tracking.PARENT_TAG: parent_id}, save_artifact=False,
+        )  # fmt: skip
+
+    def setup(self, **info) -> None:
+        self.mlflow.setup(**info)
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self.mlflow.on_trial_start(iteration, trials, trial, **info)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        self.mlflow.on_trial_result(iteration, trials, trial, result, **info)
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        ran = int((trial.last_result or {}).get("epoch", -1)) + 1
+        run_id = self.mlflow._trial_runs.get(trial)
+        if run_id is not None and ran < self.epochs:
+            self.mlflow.mlflow_util._get_client().set_tag(run_id, "stopped_early_after_epoch", ran)
+        self.mlflow.on_trial_complete(iteration, trials, trial, **info)
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self.mlflow.on_trial_error(iteration, trials, trial, **info)
 
 
 def _scheduler(space: SearchSpace, epochs: int):
@@ -171,6 +212,7 @@ def run_sweep(
         tune.with_parameters(_run_trial, base=cfg.to_dict(), options=trial_options),
         {"cpu": 0.01},  # the trial driver only waits; its Train workers hold the resources
     )
+    parent, trial_runs = _track_sweep(path, cfg, space, options, train)
     storage_path, storage_filesystem = storage.ray_storage(options.run.storage_path)
     if options.run.resume and tune.Tuner.can_restore(path):
         log(f"resuming sweep {path}")
@@ -190,7 +232,7 @@ def run_sweep(
                 mode="max",
                 num_samples=space.num_samples,
                 scheduler=_scheduler(space, cfg.train.epochs),
-                search_alg=_searcher(space, METRIC),
+                search_alg=searcher(space, METRIC, cfg.train.seed, n),
                 max_concurrent_trials=n,
             ),
             run_config=tune.RunConfig(
@@ -198,16 +240,55 @@ def run_sweep(
                 storage_path=storage_path,
                 storage_filesystem=storage_filesystem,
                 verbose=1 if options.verbose else 0,
-                callbacks=[EpochLines(log, max_trials(space), cfg.train.epochs)],
+                callbacks=[EpochLines(log, max_trials(space), cfg.train.epochs), *trial_runs],
             ),
         )
-    with _quiet_tune_console():
-        results = tuner.fit()
-    summary = summarise(results, list(space.params), cfg.train.epochs, path, log=log)
+    try:
+        with _quiet_tune_console():
+            results = tuner.fit()
+        summary = summarise(results, list(space.params), cfg.train.epochs, path, log=log)
+    except BaseException:
+        if parent is not None:
+            parent.end("FAILED")
+        raise
+    if parent is not None:
+        parent.set_tags({"best_checkpoint": summary["best"]})
+        parent.log_artifacts([storage.join(path, f) for f in ("trials.json", "trials.csv",
+                                                               "sweep.png")])  # fmt: skip
+        parent.end()
+        log(f"tracked in {parent.uri}; the UI: {tracking.ui_command(parent.uri)}")
     if options.ensemble_top:
         summary["ensemble"] = export_ensemble(summary["trials"], options.ensemble_top, path, cfg,
                                               log=log)  # fmt: skip
     return summary
+
+
+def _track_sweep(path: str, cfg: HREMConfig, space: SearchSpace, options: SweepOptions,
+                 train) -> tuple[tracking.Tracker | None, list]:  # fmt: skip
+    """The sweep's parent MLflow run (reattached on --resume) and the callback that logs
+    its trials as children; (None, []) with tracking off."""
+    uri = tracking.run_uri(options.run)
+    if uri is None:
+        return None, []
+    run = options.run
+    run_id = tracking.saved_run_id(path, uri) if run.resume else None
+    tags = tracking.run_tags(
+        dataset=cfg.data.dataset,
+        data_id=tracking.data_identity(train.blocks, train.caps_path),
+        workers=run.num_workers,
+        devices="gpu" if run.use_gpu else "cpu",
+    )
+    root = None if storage.is_remote(path) else str(Path(path).parent)
+    parent = tracking.Tracker.start(uri, run_name=run.name, run_id=run_id, tags=tags,
+                                    artifact_root=root)  # fmt: skip
+    if run_id is None:
+        parent.set_tags({"sweep_dir": path, "search": space.search})
+        params = tracking.flatten(cfg.to_dict()) | tracking.flatten(
+            {"space": space.params, "num_samples": space.num_samples, "seed": cfg.train.seed,
+             "scheduler": space.scheduler}, "sweep.")  # fmt: skip
+        parent.log_params(params)
+        tracking.save_run_ref(path, parent)
+    return parent, [TrialRuns(uri, parent.run_id, cfg.train.epochs)]
 
 
 def max_trials(space: SearchSpace) -> int:
