@@ -68,3 +68,15 @@ def s3_server():
             yield endpoint
     finally:
         stop_group(proc)
+
+
+@pytest.fixture(scope="module")
+def synth_root(tmp_path_factory):
+    """Synthetic f30k splits of 40/10/10 images (6 regions x 24 dims) for training tests."""
+    from hrem_ray.synth import write_synthetic
+
+    root = tmp_path_factory.mktemp("synth")
+    write_synthetic(
+        root, train_images=40, dev_images=10, test_images=10, regions=6, dim=24, progress=None
+    )
+    return root

@@ -11,19 +11,9 @@ from ray.tune.experiment import Experiment
 from hrem_ray import tracking
 from hrem_ray.cli import main
 from hrem_ray.config import HREMConfig
-from hrem_ray.synth import write_synthetic
 from hrem_ray.train.local import train_local
 from hrem_ray.tune.space import load_space
 from hrem_ray.tune.sweep import searcher
-
-
-@pytest.fixture(scope="module")
-def synth_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synth")
-    write_synthetic(
-        root, train_images=40, dev_images=10, test_images=10, regions=6, dim=24, progress=None
-    )
-    return root
 
 
 def run_cfg(small_cfg, synth_root, epochs: int) -> HREMConfig:

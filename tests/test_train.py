@@ -18,7 +18,6 @@ from hrem_ray.data.source import encoded, open_source
 from hrem_ray.data.tokenize import CaptionTokenizer
 from hrem_ray.model import build_model, hrem_loss
 from hrem_ray.model.hrem import LossOutput
-from hrem_ray.synth import write_synthetic
 from hrem_ray.train.local import train_local
 from hrem_ray.train.loop import (
     TrainState,
@@ -30,15 +29,6 @@ from hrem_ray.train.loop import (
 )
 from hrem_ray.train.optim import build_optimizer, lr_factor, param_groups, set_epoch_lr
 from hrem_ray.train.setup import RunExistsError
-
-
-@pytest.fixture(scope="module")
-def synth_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synth")
-    write_synthetic(
-        root, train_images=40, dev_images=10, test_images=10, regions=6, dim=24, progress=None
-    )
-    return root
 
 
 @pytest.fixture
