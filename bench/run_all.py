@@ -142,8 +142,12 @@ BENCHES = [
         300,
     ),  # fmt: skip
     Bench("ingest", ["ingest.py", "--images", "1000", "--no-train"], ingest_rows, 300),
-    Bench("tracking_overhead", ["tracking_overhead.py", "--bert", "tiny", "--images", "300"],
-          tracking_rows, 300),  # fmt: skip
+    Bench(
+        "tracking_overhead",
+        ["tracking_overhead.py", "--bert", "tiny", "--images", "300"],
+        tracking_rows,
+        300,
+    ),  # fmt: skip
     Bench(
         "ivf_recall",
         ["ivf_recall.py", "--n", "50000", "--nlist", "256", "--nprobe", "8", "32"],

@@ -274,9 +274,11 @@ def cmd_tune(a: argparse.Namespace) -> None:
     init_ray(a.address, verbose=a.verbose)
     summary = run_sweep(cfg, space, options, log=_log)
     _log(f"best checkpoint: {summary['best']}")
-    if a.register:
+    if a.register:  # in the store the sweep was tracked in (the same with --no-tracking)
+        from hrem_ray.tracking import resolve_uri
+
         best = summary["ensemble"]["path"] if summary.get("ensemble") else summary["best"]
-        _register(best, a.register, a.alias, getattr(a, "tracking_uri", None))
+        _register(best, a.register, a.alias, resolve_uri(a.tracking_uri, a.storage_path))
 
 
 def cmd_register(a: argparse.Namespace) -> None:

@@ -25,8 +25,7 @@ CLI_FLAGS: dict[str, tuple[type, str]] = {
     "model.bert_path": (str, "backbone folder (default: offline MiniLM)"),
     "train.epochs": (int, "epochs to train"),
     "train.batch_size": (int, "global batch, split across workers"),
-    "train.seed": (int, "seed of the model, the data order, the augmentation and a sweep's "
-                   "draws"),
+    "train.seed": (int, "seed of the model, the data order, the augmentation and a sweep's draws"),
 }
 
 T = TypeVar("T")
@@ -53,7 +52,7 @@ class RayRunOptions:
     resume: bool = option(False, "continue the run (the sweep) named --name")
     tracking_uri: str | None = option(
         None, "MLflow tracking server (default: $MLFLOW_TRACKING_URI, else the store "
-        "<storage-path>/mlflow.db; docs/tracking.md)",
+        "<storage-path>/mlflow.db, or ~/.hrem-ray/mlflow.db for s3:// runs; docs/tracking.md)",
     )  # fmt: skip
     no_tracking: bool = option(False, "do not track the run (the sweep) in MLflow")
 

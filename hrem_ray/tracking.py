@@ -3,8 +3,9 @@
 Every call is made by a driver process (``hrem-ray train``, ``tune``, ``jobs/*.py``), never
 by a Ray worker: rank 0 sends its live figures to the driver through the run's
 ``LineRelay``, so the store only has to be reachable from the driver. With no tracking URI
-the store is an SQLite file beside the runs (``<storage-path>/mlflow.db``), which needs no
-server. MLflow is imported lazily: the command line starts without it.
+the store is an SQLite file beside the runs (``<storage-path>/mlflow.db``, or
+``~/.hrem-ray/mlflow.db`` for runs in object storage), which needs no server. MLflow is
+imported lazily: the command line starts without it.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ EXPERIMENT = "hrem"  # the default experiment of runs and sweeps
 RUN_FILE = "mlflow_run.json"  # <run>/: the tracking URI and run id a resumed run reattaches to
 STORE_FILE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
+HOME_STORE = Path("~/.hrem-ray")  # the embedded store of runs kept in object storage
 # Switches MLflow reads: no usage telemetry, no progress bars on artifact uploads.
 QUIET_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",
              "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}  # fmt: skip
@@ -49,17 +51,27 @@ def quiet() -> None:
 
 def resolve_uri(uri: str | None, storage_path: str) -> str:
     """The tracking URI: ``uri``, else ``$MLFLOW_TRACKING_URI``, else the embedded store
-    beside the runs (a local ``storage_path``) or in the current folder (a URI one)."""
+    beside the runs (a local ``storage_path``), or, for runs in object storage, where SQLite
+    cannot live, in the driver's ``~/.hrem-ray/`` (never the current folder: under
+    ``ray job submit`` that is the job's unpacked working dir, which Ray may delete)."""
     uri = uri or os.environ.get(URI_ENV)
     if uri:
         return uri
-    root = Path(".") if storage.is_remote(storage_path) else Path(storage_path)
-    return f"sqlite:///{(root / STORE_FILE).resolve()}"
+    root = HOME_STORE if storage.is_remote(storage_path) else Path(storage_path)
+    return f"sqlite:///{(root.expanduser() / STORE_FILE).resolve()}"
 
 
 def run_uri(options: Any) -> str | None:
     """The tracking URI of a run's or sweep's ``RayRunOptions``; None with ``--no-tracking``."""
     return None if options.no_tracking else resolve_uri(options.tracking_uri, options.storage_path)
+
+
+def _artifacts(uri: str) -> str | None:
+    """An embedded store keeps its artifacts beside its file, not in MLflow's default
+    ``./mlruns`` of whatever folder the driver runs in; a server chooses its own."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri.removeprefix("sqlite:///")).parent / ARTIFACTS_DIR).resolve().as_uri()
 
 
 def is_server(uri: str) -> bool:
@@ -146,7 +158,6 @@ class Tracker:
         experiment: str = EXPERIMENT,
         run_id: str | None = None,
         tags: Mapping[str, str] | None = None,
-        artifact_root: str | None = None,
     ) -> Tracker:
         """A new run, or run ``run_id`` reattached (its curves' last steps read back)."""
         quiet()
@@ -162,10 +173,7 @@ class Tracker:
             return tracker
         found = client.get_experiment_by_name(experiment)
         if found is None:
-            location = None
-            if artifact_root is not None and not is_server(uri):
-                location = Path(artifact_root, ARTIFACTS_DIR).resolve().as_uri()
-            exp_id = client.create_experiment(experiment, artifact_location=location)
+            exp_id = client.create_experiment(experiment, artifact_location=_artifacts(uri))
         else:
             exp_id = found.experiment_id
         run = client.create_run(exp_id, run_name=run_name, tags=dict(tags or {}))
@@ -196,18 +204,23 @@ class Tracker:
 
     def log_artifacts(self, paths: Iterable[str]) -> None:
         """Local files or folders (a URI run's files are fetched first)."""
-        for path in paths:
-            if storage.is_remote(path):
-                if not storage.exists(path):
-                    continue
-                local = storage.fetch_dir(path) if storage.is_dir(path) else None
-                if local is None:
-                    continue  # single remote files: recorded by URI in the run's tags
-                path = str(local)
-            if os.path.isdir(path):
-                self.client.log_artifacts(self.run_id, path, os.path.basename(path))
-            elif os.path.exists(path):
-                self.client.log_artifact(self.run_id, path)
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="hrem-artifacts-") as tmp:
+            for path in paths:
+                if storage.is_remote(path):
+                    if not storage.exists(path):
+                        continue
+                    if storage.is_dir(path):
+                        path = str(storage.fetch_dir(path))
+                    else:
+                        local = Path(tmp, os.path.basename(path))
+                        local.write_bytes(storage.read_bytes(path))
+                        path = str(local)
+                if os.path.isdir(path):
+                    self.client.log_artifacts(self.run_id, path, os.path.basename(path))
+                elif os.path.exists(path):
+                    self.client.log_artifact(self.run_id, path)
 
     def end(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)

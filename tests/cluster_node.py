@@ -21,7 +21,9 @@ goes through this process's stdin and stdout, one JSON object a line:
   ``ray stop`` (which stops every Ray process on the machine).
 
 Two S3 servers run: ``s3`` (moto's default, any credentials; the tests' bucket) and
-``strict`` (moto checking credentials), for the wrong-credentials case.
+``strict`` (moto checking credentials), for the wrong-credentials case; and an ``mlflow
+server`` (``mlflow``: SQLite store, artifacts in the bucket) that every command in the
+namespace tracks into through ``MLFLOW_TRACKING_URI``.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ import boto3
 import psutil
 
 from hrem_ray.ray_runtime import ENV_DEFAULTS, free_port
-from hrem_ray.testing import alive, start_moto, stop_group
+from hrem_ray.testing import alive, start_mlflow_server, start_moto, stop_group
+from hrem_ray.tracking import URI_ENV
 
 BIN = Path(sys.executable).parent
 BUCKET = "hrem"
@@ -79,6 +82,12 @@ class Cluster:
         self.procs["strict"] = start_moto(self.strict_port, {"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
         s3 = boto3.client("s3", endpoint_url=self.env["AWS_ENDPOINT_URL"], region_name="us-east-1")
         s3.create_bucket(Bucket=BUCKET)
+        # the runs' tracking server (SQLite store here, artifacts in the bucket), reached by
+        # clients and job drivers through MLFLOW_TRACKING_URI as on a real cluster
+        self.procs["mlflow"], self.env[URI_ENV] = start_mlflow_server(
+            self.root / "mlflow", self.env["AWS_ENDPOINT_URL"], BUCKET
+        )
+        os.environ[URI_ENV] = self.env[URI_ENV]
         # the token every node and client reads (RAY_AUTH_TOKEN_PATH), made before any node
         env = {k: v for k, v in self.env.items() if k != "RAY_AUTH_TOKEN_PATH"}
         env["HOME"] = str(self.root)  # it writes ~/.ray/auth_token
@@ -100,7 +109,8 @@ class Cluster:
             "s3": self.env["AWS_ENDPOINT_URL"],
             "strict": f"http://127.0.0.1:{self.strict_port}",
             "bucket": BUCKET,
-            "env": {k: self.env[k] for k in self.env if k.startswith(("AWS_", "RAY_"))},
+            "mlflow": self.env[URI_ENV],
+            "env": {k: self.env[k] for k in self.env if k.startswith(("AWS_", "RAY_", "MLFLOW_"))},
         }
 
     def start_worker(self) -> None:
@@ -108,6 +118,9 @@ class Cluster:
         self.spawn(f"worker{self.workers}", [
             str(BIN / "ray"), "start", "--block", "--address", f"127.0.0.1:{self.gcs}",
             "--num-cpus", str(WORKER_CPUS), "--node-ip-address", "127.0.0.1",
+            # a folder of its own, as on another machine: sharing the head's, its runtime-env
+            # agent would unpack a job's working dir over the one the job's driver runs in
+            "--temp-dir", str(self.root / f"ray-w{self.workers}"),
             "--disable-usage-stats",
         ])  # fmt: skip
         self._wait_nodes(alive_workers=1)
@@ -174,7 +187,7 @@ class Cluster:
 
     def close(self) -> None:
         """Nodes first (the head's SIGTERM runs Ray's own teardown), then the S3 servers."""
-        for name in sorted(self.procs, key=lambda n: (n in ("s3", "strict"), n)):
+        for name in sorted(self.procs, key=lambda n: (n in ("s3", "strict", "mlflow"), n)):
             stop_group(self.procs[name])
         self.procs.clear()
 

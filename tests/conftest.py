@@ -80,3 +80,15 @@ def synth_root(tmp_path_factory):
         root, train_images=40, dev_images=10, test_images=10, regions=6, dim=24, progress=None
     )
     return root
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_ray_left_connected():
+    """A module that leaves this process connected to Ray (an in-process command that
+    started it) would make the next module's ``ray.init`` fail: disconnect after each."""
+    yield
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()

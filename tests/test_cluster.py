@@ -157,9 +157,9 @@ def _train_argv(ns: Namespace, storage: str, name: str, epochs: int, *extra: str
 
 def _submit(ns: Namespace, script: str, *args: str) -> list[str]:
     """``ray job submit`` of ``jobs/<script>`` to the head's dashboard on loopback, with the
-    S3 settings passed to the job as env_vars (a real cluster gets them from its instance
-    profile, docs/cluster.md)."""
-    aws = {k: v for k, v in ns.info["env"].items() if k.startswith("AWS_")}
+    S3 and tracking settings passed to the job as env_vars (a real cluster gets the S3 ones
+    from its instance profile, docs/cluster.md)."""
+    aws = {k: v for k, v in ns.info["env"].items() if k.startswith(("AWS_", "MLFLOW_"))}
     runtime_env = {"env_vars": aws, "excludes": EXCLUDES}
     return [
         str(BIN / "ray"), "job", "submit", "--address",
@@ -212,7 +212,7 @@ def _net(p: psutil.Process) -> str | None:
 
 def _no_local_s3_folder(ns: Namespace) -> None:
     """An ``s3://`` path treated as a local one leaves an ``s3:`` folder in the cwd."""
-    here = [REPO, ns.root, *ns.root.glob("ray/session_*/runtime_resources/working_dir_files/*")]
+    here = [REPO, ns.root, *ns.root.glob("ray*/session_*/runtime_resources/working_dir_files/*")]
     assert not [p / "s3:" for p in here if (p / "s3:").exists()]
 
 
@@ -225,12 +225,19 @@ def test_train_job_to_s3_then_eval(ns):
     the worker node, everything written to the bucket; ``hrem-ray eval`` of the printed URI.
     Every listening socket of the cluster is on loopback, inside the namespace."""
     start = time.monotonic()
-    job = ns.run(*_submit(ns, "train.py", *_train_argv(ns, "s3://hrem/runs", "job", 2)),
-                 timeout=420)  # fmt: skip
-    out = job["out"] + job["err"]
-    assert job["rc"] == 0 and "succeeded" in out, out[-4000:]
+    ns.call(
+        op="spawn",
+        name="trainjob",
+        argv=_submit(ns, "train.py", *_train_argv(ns, "s3://hrem/runs", "job", 2)),
+    )
+    live = ns.python(LIVE_RUN.format(name="job"), timeout=300)  # while the job goes
+    done = ns.call(op="wait", name="trainjob", timeout=420)
+    out = (ns.root / "trainjob.log").read_text()
+    assert live["rc"] == 0, live["err"][-2000:] + out[-3000:]
+    assert done["rc"] == 0 and "succeeded" in out, out[-4000:]
     best = _best_uri(out)
     assert best == "s3://hrem/runs/job/best", best
+    _check_tracked_run(ns, json.loads(live["out"]), best)
 
     keys = _s3_keys(ns, "runs/job/")
     for name in ("metrics.json", "metrics.csv", "curves.png", "best/model.safetensors",
@@ -259,6 +266,55 @@ def test_train_job_to_s3_then_eval(ns):
     started = psutil.Process(ns.proc.pid).children(recursive=True)
     assert len(started) > 5 and {_net(p) for p in started} <= {ns.net, None}
     TIMES["train+eval"] = time.monotonic() - start
+
+
+# In the namespace, against its mlflow server: poll the run named {name} until rank 0's live
+# points are in while it is still RUNNING; print what was seen then.
+LIVE_RUN = """
+import json, time
+from mlflow import MlflowClient
+c = MlflowClient()
+deadline = time.monotonic() + 280
+while True:
+    runs = c.search_runs([e.experiment_id for e in c.search_experiments()],
+                         "attributes.run_name = '{name}'")
+    if runs and "train/loss" in runs[0].data.metrics:
+        run = runs[0]
+        steps = [m.step for m in c.get_metric_history(run.info.run_id, "train/loss")]
+        print(json.dumps({{"id": run.info.run_id, "status": run.info.status, "steps": steps}}))
+        break
+    assert time.monotonic() < deadline, "no live metrics"
+    time.sleep(0.5)
+"""
+
+
+def _check_tracked_run(ns: Namespace, live: dict, best: str) -> None:
+    """The job's run in the tracking server: live points seen while it was RUNNING, then
+    FINISHED with one point per step (no duplicates), its config and data identity, the best
+    checkpoint by URI, and the metrics files as artifacts in the bucket."""
+    assert live["status"] == "RUNNING" and live["steps"], live
+    code = f"""
+import json
+from mlflow import MlflowClient
+c = MlflowClient()
+run = c.get_run({live["id"]!r})
+steps = [m.step for m in c.get_metric_history(run.info.run_id, "train/loss")]
+dev = [m.step for m in c.get_metric_history(run.info.run_id, "dev/rsum")]
+files = [a.path for a in c.list_artifacts(run.info.run_id)]
+print(json.dumps({{"status": run.info.status, "steps": steps, "dev": dev,
+                  "params": run.data.params, "tags": run.data.tags, "artifacts": files}}))
+"""
+    r = ns.python(code)
+    assert r["rc"] == 0, r["err"][-2000:]
+    run = json.loads(r["out"])
+    assert run["status"] == "FINISHED", run["status"]
+    assert len(run["steps"]) == len(set(run["steps"])) > len(live["steps"]) - 1, run["steps"]
+    assert len(run["dev"]) == 2, run["dev"]
+    assert run["params"]["train.epochs"] == "2" and run["params"]["run.num_workers"] == "2"
+    assert run["tags"]["best_checkpoint"] == best and run["tags"]["dataset"] == "f30k"
+    assert run["tags"]["data.identity"].startswith("files:"), run["tags"]
+    assert {"metrics.json", "metrics.csv", "curves.png"} <= set(run["artifacts"]), run
+    assert any(k.startswith("mlflow/") for k in _s3_keys(ns, "mlflow/"))
 
 
 # a learnable world for the sharded run: 2 epochs of 400 images lift dev rsum from about 60
@@ -358,7 +414,8 @@ def _assert_one_line(r: dict, command: str, uri: str, why: str) -> None:
 @pytest.mark.timeout(600)
 def test_tune_sweep_to_s3(ns):
     """A 2-trial sweep submitted as a job: trials.json and best/ in the bucket, the printed
-    best checkpoint under the sweep, and no local ``s3:`` folder."""
+    best checkpoint under the sweep, no local ``s3:`` folder; in the tracking server a parent
+    run with a child per trial, and the best registered (``--register``) by its URI."""
     start = time.monotonic()
     args = [
         "--space", "tune_spaces/default.yaml", "--num-samples", "2",
@@ -366,12 +423,32 @@ def test_tune_sweep_to_s3(ns):
         "--dataset", "f30k", "--bert-path", ns.bert, "--epochs", "1", "--num-workers", "1",
         "--cpus-per-worker", "0.5",
         "--storage-path", "s3://hrem/sweeps", "--name", "sweep",
+        "--register", "hrem-sweep", "--alias", "best",
         *[x for s in SETS for x in ("--set", s)],
     ]  # fmt: skip
     job = ns.run(*_submit(ns, "tune.py", *args), timeout=480)
     out = job["out"] + job["err"]
     assert job["rc"] == 0 and "succeeded" in out, out[-4000:]
-    assert _best_uri(out).startswith("s3://hrem/sweeps/sweep/"), out[-2000:]
+    best = _best_uri(out)
+    assert best.startswith("s3://hrem/sweeps/sweep/"), out[-2000:]
+    assert "registered models:/hrem-sweep/1 (alias best" in out, out[-2000:]
+    code = """
+import json
+from mlflow import MlflowClient
+c = MlflowClient()
+runs = c.search_runs([c.get_experiment_by_name("hrem").experiment_id])
+parent = [r for r in runs if r.info.run_name == "sweep"][0]
+kids = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+v = c.get_model_version_by_alias("hrem-sweep", "best")
+print(json.dumps({"parent": parent.info.status, "best": parent.data.tags.get("best_checkpoint"),
+                  "kids": [sorted(k.data.metrics) for k in kids], "source": v.source}))
+"""
+    r = ns.python(code)
+    assert r["rc"] == 0, r["err"][-2000:]
+    tracked = json.loads(r["out"])
+    assert tracked["parent"] == "FINISHED" and tracked["best"] == best, tracked
+    assert len(tracked["kids"]) == 2 and all("rsum" in k for k in tracked["kids"]), tracked
+    assert tracked["source"] == best, tracked
     keys = _s3_keys(ns, "sweeps/sweep/")
     assert "sweeps/sweep/trials.json" in keys and "sweeps/sweep/best/config.json" in keys, keys
     assert len(json.loads(_s3_text(ns, "sweeps/sweep/trials.json"))) == 2
@@ -381,10 +458,15 @@ def test_tune_sweep_to_s3(ns):
 
 @pytest.mark.timeout(420)
 def test_serve_from_s3(ns):
-    """``hrem-ray index`` into the bucket, then ``hrem-ray serve`` of the s3 checkpoint and
-    gallery on the cluster answers a text query with the gallery's best images."""
+    """``hrem-ray index`` into the bucket, ``hrem-ray register`` of the s3 checkpoint as
+    ``models:/hrem@champion`` in the tracking server, then ``hrem-ray serve`` of that reference
+    and the gallery on the cluster answers a text query with the gallery's best images, and
+    its ``/readyz`` names the registered version."""
     start = time.monotonic()
     best = "s3://hrem/runs/job/best"  # written by test_train_job_to_s3_then_eval
+    reg = ns.run(str(BIN / "hrem-ray"), "register", best, "--name", "hrem", "--alias",
+                 "champion", timeout=120)  # fmt: skip
+    assert reg["rc"] == 0 and "models:/hrem/1" in reg["out"], reg["err"][-3000:]
     idx = ns.run(str(BIN / "hrem-ray"), "index", "--checkpoint", best, "--data-path",
                  str(ns.root / "data"), "--dataset", "f30k", "--split", "test", "--out",
                  "s3://hrem/gallery", timeout=180)  # fmt: skip
@@ -392,7 +474,8 @@ def test_serve_from_s3(ns):
     port = ns.python("from hrem_ray.ray_runtime import free_port; print(free_port())")["out"]
     port = int(port)
     ns.call(op="spawn", name="serve", argv=[
-        str(BIN / "hrem-ray"), "serve", "--checkpoint", best, "--gallery", "s3://hrem/gallery",
+        str(BIN / "hrem-ray"), "serve", "--checkpoint", "models:/hrem@champion", "--gallery",
+        "s3://hrem/gallery",
         "--port", str(port), "--max-replicas", "1", "--address", f"127.0.0.1:{ns.info['gcs']}",
     ])  # fmt: skip
     try:
@@ -401,7 +484,7 @@ import json, time, urllib.request
 deadline = time.monotonic() + 240
 while True:
     try:
-        urllib.request.urlopen("http://127.0.0.1:{port}/readyz", timeout=5).close()
+        ready = json.load(urllib.request.urlopen("http://127.0.0.1:{port}/readyz", timeout=5))
         break
     except OSError:
         assert time.monotonic() < deadline, "not ready"
@@ -409,12 +492,14 @@ while True:
 req = urllib.request.Request("http://127.0.0.1:{port}/search/text", method="POST",
     data=json.dumps({{"query": "a dog", "k": 3}}).encode(),
     headers={{"content-type": "application/json"}})
-print(urllib.request.urlopen(req, timeout=30).read().decode())
+print(json.dumps({{"ready": ready, **json.load(urllib.request.urlopen(req, timeout=30))}}))
 """
         r = ns.python(code, timeout=300)
         log = (ns.root / "serve.log").read_text()[-3000:]
         assert r["rc"] == 0, r["err"][-2000:] + log
-        results = json.loads(r["out"])["results"]
+        reply = json.loads(r["out"])
+        assert reply["ready"]["registry"] == [{"name": "hrem", "version": "1"}], reply
+        results = reply["results"]
         ids, scores = [h["id"] for h in results], [h["score"] for h in results]
         assert len(set(ids)) == 3 and all(isinstance(i, int) for i in ids), results
         assert scores == sorted(scores, reverse=True), results

@@ -205,8 +205,12 @@ def test_healthz_readyz_page_openapi(world, client):
         "models": [{"model_id": body["model_id"], "embed_dim": DIM}],  # the one model
         "swap_refused": None,
         "registry": [],  # given by path, not as models:/
-        "index": {"spec": "Flat", "params": {}, "bytes_per_item": 4 * DIM,
-                  "train_sample": {"images": 0, "captions": 0}},  # exact search  # fmt: skip
+        "index": {
+            "spec": "Flat",
+            "params": {},
+            "bytes_per_item": 4 * DIM,
+            "train_sample": {"images": 0, "captions": 0},
+        },  # exact search  # fmt: skip
     }
     assert len(body["model_id"]) == len(body["gallery_id"]) == 16
     assert "/" not in r.text  # no filesystem path or URI

@@ -45,6 +45,7 @@ import ray
 import yaml
 from ray.tune.search.sample import Categorical, Float, Integer, LogUniform, Quantized
 
+from hrem_ray import tracking
 from hrem_ray.checkpoint import load_checkpoint, read_record
 from hrem_ray.cli import main
 from hrem_ray.config import HREMConfig, load_config
@@ -667,6 +668,7 @@ def test_sweep_end_to_end(sweep_ray, sweep_data, tiny_bert, tmp_path, capsys):
         assert by_lr[lr]["best_rsum"] < by_lr[GOOD]["curve"][0]
     assert "stopped early" in out
     _check_trial_lines(out, by_lr, [GOOD, BAD, BAD2, FAIR])
+    _check_tracked(tracking.resolve_uri(None, str(storage)), "e2e", by_lr)
 
     # best/ is a copy of the best trial's best checkpoint (ties: the first, as run_sweep)
     top = max(rows, key=lambda r: r["best_rsum"])
@@ -709,6 +711,26 @@ def test_sweep_end_to_end(sweep_ray, sweep_data, tiny_bert, tmp_path, capsys):
     assert json.loads((sweep / "trials.json").read_text()) == rows
 
 
+def _check_tracked(uri: str, name: str, by_lr: dict[float, dict]) -> None:
+    """The sweep in the embedded MLflow store: a parent run with one child per trial, each
+    child with its searched lr and its per-epoch curve, ASHA's stops tagged with the epoch."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name(tracking.EXPERIMENT).experiment_id])
+    parent = [r for r in runs if r.info.run_name == name]
+    assert len(parent) == 1 and parent[0].info.status == "FINISHED", runs
+    assert parent[0].data.tags["best_checkpoint"].endswith("best")
+    children = [r for r in runs if r.data.tags.get(tracking.PARENT_TAG) == parent[0].info.run_id]
+    assert len(children) == len(by_lr) == len(runs) - 1
+    for child in children:
+        row = by_lr[float(child.data.params["train.lr"])]
+        curve = client.get_metric_history(child.info.run_id, "rsum")
+        assert [m.value for m in sorted(curve, key=lambda m: m.step)] == pytest.approx(row["curve"])
+        stopped = child.data.tags.get("stopped_early_after_epoch")
+        assert stopped == (str(row["epochs_run"]) if row["stopped_early"] else None), child
+
+
 TUNE_BANNERS = ("Configuration for experiment", "tensorboard", "View detailed results")
 
 
@@ -737,7 +759,7 @@ def test_sweep_console(sweep_ray, sweep_data, tiny_bert, tmp_path, capsys):
     learning rate, below the first at epoch 1) stopped early; no Tune box or TensorBoard hint."""
     space = _write(tmp_path / "space.yaml", CONSOLE_SPACE)
     switch = os.environ.get("RAY_AIR_NEW_OUTPUT")
-    main(_tune_argv(space, sweep_data, tiny_bert, tmp_path / "runs", "console"))
+    main([*_tune_argv(space, sweep_data, tiny_bert, tmp_path / "runs", "console"), "--no-tracking"])
     out = capsys.readouterr().out
     _wait_cpus_released()
     rows = json.loads((tmp_path / "runs" / "console" / "trials.json").read_text())

@@ -100,8 +100,7 @@ class LiveMetrics:
             run_id = tracking.saved_run_id(run_dir, uri) if resume else None
             tags = tracking.run_tags(dataset=cfg.data.dataset, data_id=data_id,
                                      workers=workers, devices=devices)  # fmt: skip
-            tracker = tracking.Tracker.start(uri, run_name=run_name, run_id=run_id, tags=tags,
-                                             artifact_root=_artifact_root(run_dir))  # fmt: skip
+            tracker = tracking.Tracker.start(uri, run_name=run_name, run_id=run_id, tags=tags)
             if run_id is None:
                 tracker.set_tags({"run_dir": run_dir})
                 tracker.log_params(tracking.flatten(cfg.to_dict())
@@ -134,8 +133,3 @@ class LiveMetrics:
         self._writer.flush()
         if self._tmp:
             storage.put_files(self._events, storage.join(self.run_dir, "tensorboard"))
-
-
-def _artifact_root(run_dir: str) -> str | None:
-    """Where an embedded store keeps artifacts: beside the runs (a local run's parent)."""
-    return None if storage.is_remote(run_dir) else str(Path(run_dir).parent)

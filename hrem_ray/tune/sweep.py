@@ -278,9 +278,7 @@ def _track_sweep(path: str, cfg: HREMConfig, space: SearchSpace, options: SweepO
         workers=run.num_workers,
         devices="gpu" if run.use_gpu else "cpu",
     )
-    root = None if storage.is_remote(path) else str(Path(path).parent)
-    parent = tracking.Tracker.start(uri, run_name=run.name, run_id=run_id, tags=tags,
-                                    artifact_root=root)  # fmt: skip
+    parent = tracking.Tracker.start(uri, run_name=run.name, run_id=run_id, tags=tags)
     if run_id is None:
         parent.set_tags({"sweep_dir": path, "search": space.search})
         params = tracking.flatten(cfg.to_dict()) | tracking.flatten(
