@@ -8,12 +8,15 @@ from hrem_ray.ray_runtime import set_env_defaults
 
 set_env_defaults()  # before anything can start Ray (docs/ray.md)
 
+import shutil  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from hrem_ray.backbone import write_tiny_bert  # noqa: E402
 from hrem_ray.config import ModelConfig  # noqa: E402
 from hrem_ray.testing import free_port, start_moto, stop_group  # noqa: E402
+from tests.helpers import CHROMEDRIVER, CHROMIUM  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -80,6 +83,33 @@ def synth_root(tmp_path_factory):
         root, train_images=40, dev_images=10, test_images=10, regions=6, dim=24, progress=None
     )
     return root
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    """A headless Chromium driven by Selenium (skipped without Debian's ``chromium`` and
+    ``chromium-driver``; modules that need it mark themselves ``needs_chromium`` too)."""
+    if not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()):
+        pytest.skip(f"needs Debian's Chromium ({CHROMIUM} and {CHROMEDRIVER})")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    profile = tmp_path_factory.mktemp("chromium-profile")
+    for arg in (
+        "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        "--disable-dev-shm-usage", "--window-size=1000,900", f"--user-data-dir={profile}",
+    ):  # fmt: skip
+        options.add_argument(arg)
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=str(CHROMEDRIVER)))
+    driver.set_page_load_timeout(30)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
 
 
 @pytest.fixture(scope="module", autouse=True)

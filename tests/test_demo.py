@@ -11,6 +11,7 @@ import shlex
 import socket
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -35,14 +36,26 @@ def _demo(out: Path, *flags: str, timeout: float) -> subprocess.CompletedProcess
     )  # fmt: skip
 
 
+@dataclass(frozen=True)
+class FirstDemo:
+    out: Path  # the demo folder
+    run: subprocess.CompletedProcess  # its first run, from nothing
+
+
+@pytest.fixture(scope="module")
+def first_demo(tmp_path_factory) -> FirstDemo:
+    """The tiny demo run once from nothing; the tests below share it (it takes minutes)."""
+    out = tmp_path_factory.mktemp("tiny") / "demo"
+    first = _demo(out, timeout=600)
+    assert first.returncode == 0, (first.stdout + first.stderr)[-6000:]
+    return FirstDemo(out, first)
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_tiny_demo_end_to_end_then_reused(tmp_path):
-    out = tmp_path / "demo"
-    first = _demo(out, timeout=600)
-    log = first.stdout + first.stderr
-    assert first.returncode == 0, log[-6000:]
+def test_tiny_demo_end_to_end_then_reused(first_demo):
+    out, first = first_demo.out, first_demo.run
     for i, stage in enumerate(STAGES, 1):
         assert f"== [{i}/{len(STAGES)}] {stage}: " in first.stdout
     for command in ("synth", "init-checkpoint", "train", "tune", "eval", "index", "serve"):
@@ -85,6 +98,85 @@ def test_tiny_demo_end_to_end_then_reused(tmp_path):
     assert {k: v for k, v in again.items() if k != "serve"} == {
         k: v for k, v in stages.items() if k != "serve"
     }
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_mlflow_ui_shows_the_demo_sweep_and_its_trials(first_demo, browser, tmp_path):
+    """The UI command the demo prints, run as printed (on a free port), shows the sweep's
+    parent run in the ``hrem`` experiment, and, expanded, its two trials nested under it."""
+    from mlflow.tracking import MlflowClient
+    from selenium.webdriver.common.by import By
+
+    from hrem_ray.testing import stop_group, wait_until_up
+    from hrem_ray.tracking import EXPERIMENT, PARENT_TAG, QUIET_ENV
+    from tests.helpers import wait_for
+
+    stdout = first_demo.run.stdout
+    found = re.findall(r"its UI: (mlflow ui .+)$", stdout, re.MULTILINE)
+    assert len(found) == 1, stdout[-3000:]
+    argv = shlex.split(found[0])
+    store = argv[argv.index("--backend-store-uri") + 1]
+    assert store == f"sqlite:///{first_demo.out / 'runs' / 'mlflow.db'}"
+
+    # what to expect, from the store itself: the sweep's run and the trials nested under it
+    client = MlflowClient(store)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    assert experiment is not None
+    (tune,) = re.findall(r"^\$ hrem-ray tune .+$", stdout, re.MULTILINE)
+    sweep = _parse(tune).name  # the parent run is named after the sweep
+    parents = client.search_runs([experiment.experiment_id], f"attributes.run_name = '{sweep}'")
+    assert len(parents) == 1, [r.info.run_name for r in parents]
+    parent = parents[0].info
+    children = client.search_runs(
+        [experiment.experiment_id], f"tags.`{PARENT_TAG}` = '{parent.run_id}'"
+    )
+    trials = {r.info.run_id: r.info.run_name for r in children}
+    assert len(trials) == 2 and all(trials.values()), trials
+
+    port = free_port()
+    argv[0] = str(BIN / argv[0])  # the venv's mlflow, whatever PATH holds
+    argv[argv.index("--port") + 1] = str(port)
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path / "mlflow-ui.log"
+    with log.open("w") as sink:
+        env = {**os.environ, **QUIET_ENV}
+        proc = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT, env=env,
+                                cwd=tmp_path, start_new_session=True)  # fmt: skip
+    try:
+        wait_until_up(f"{url}/health", proc, "mlflow ui", 120, log)
+
+        def run_row(d, run_id: str, name: str):
+            """The grid row of run ``run_id`` whose Run Name cell links to it as ``name``."""
+            links = d.find_elements(
+                By.XPATH,
+                f"//div[@role='row'][@row-id='{run_id}']"
+                f"//a[contains(@href, '/runs/{run_id}')][normalize-space()='{name}']",
+            )
+            return next((a for a in links if a.is_displayed()), None)
+
+        browser.get(f"{url}/#/experiments/{experiment.experiment_id}/runs")
+        link = wait_for(browser, lambda d: run_row(d, parent.run_id, sweep),
+                        f"the sweep's run {sweep!r} in the runs table", timeout=90)  # fmt: skip
+        # the trials are nested under it, collapsed: not shown until it is expanded
+        for run_id, name in trials.items():
+            assert run_row(browser, run_id, name) is None, name
+        expand = link.find_element(By.XPATH, "./ancestor::div[@role='gridcell'][1]//button")
+        expand.click()
+        for run_id, name in trials.items():
+            shown = wait_for(browser, lambda d, i=run_id, n=name: run_row(d, i, n),
+                             f"trial {name!r} under the expanded sweep", timeout=30)  # fmt: skip
+            assert shown.text == name
+        # ...listed right below their parent
+        rows = browser.execute_script(
+            "const at = {}; for (const r of document.querySelectorAll('[role=row][row-id]'))"
+            " at[r.getAttribute('row-id')] = +r.getAttribute('row-index'); return at;"
+        )
+        below = rows[parent.run_id] + 1
+        assert sorted(rows[i] for i in trials) == [below, below + 1], rows
+    finally:
+        stop_group(proc)
 
 
 def test_fresh_refuses_a_folder_that_is_not_a_demo(tmp_path, capsys):

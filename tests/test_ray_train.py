@@ -24,7 +24,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections import defaultdict
 from pathlib import Path
 
@@ -39,7 +38,7 @@ from hrem_ray.data.precomp import open_split
 from hrem_ray.options import RayRunOptions
 from hrem_ray.ray_runtime import ENV_DEFAULTS
 from hrem_ray.synth import write_synthetic
-from hrem_ray.testing import TINY_SETS, alive, is_loopback
+from hrem_ray.testing import TINY_SETS, alive, is_loopback, wait_until_up
 from hrem_ray.train.ray_train import train_ray
 
 REPO = Path(__file__).resolve().parents[1]
@@ -217,20 +216,6 @@ def _stop_cluster(head: subprocess.Popen, temp_dir: str) -> list[psutil.Process]
     return procs
 
 
-def _wait_http(url: str, head: subprocess.Popen, log: Path, timeout: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        assert head.poll() is None, f"ray start exited:\n{log.read_text()[-3000:]}"
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        assert time.monotonic() < deadline, f"{url} not up:\n{log.read_text()[-3000:]}"
-        time.sleep(0.5)
-
-
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.timeout(420)
@@ -257,7 +242,7 @@ def test_job_submit_to_started_cluster(synth_data, tiny_bert, tmp_path):
     )  # fmt: skip
     procs: list[psutil.Process] = []
     try:
-        _wait_http(f"http://127.0.0.1:{dashboard}/api/version", head, log)
+        wait_until_up(f"http://127.0.0.1:{dashboard}/api/version", head, "ray start", 90, log)
         storage = tmp_path / "runs"
         # .gitignore already keeps .venv, data and runs out; these make it explicit.
         excludes = [".git", ".venv", "*.egg-info", "**/__pycache__", ".pytest_cache",

@@ -14,31 +14,19 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import socket
 import struct
 import threading
 import time
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from hrem_ray.testing import tiny_data_and_checkpoint
+from tests.helpers import needs_chromium, wait_for
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
-
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.timeout(180),
-    pytest.mark.skipif(
-        not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()),
-        reason="needs Debian's Chromium: apt-get install -y chromium chromium-driver "
-        f"({CHROMIUM} and {CHROMEDRIVER} not both present)",
-    ),
-]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180), needs_chromium]
 
 QUERY = "a dog runs on the grass"
 K = 5
@@ -104,43 +92,12 @@ def server(tmp_path_factory, tiny_bert) -> Iterator[tuple[str, SheddingProxy]]:
         sock.close()
 
 
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    profile = tmp_path_factory.mktemp("chromium-profile")
-    for arg in (
-        "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        "--disable-dev-shm-usage", "--window-size=1000,900", f"--user-data-dir={profile}",
-    ):  # fmt: skip
-        options.add_argument(arg)
-    driver = webdriver.Chrome(options=options, service=Service(executable_path=str(CHROMEDRIVER)))
-    driver.set_page_load_timeout(30)
-    try:
-        yield driver
-    finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)
-
-
 def api(base: str, path: str, body: dict) -> dict:
     req = urllib.request.Request(
         base + path, json.dumps(body).encode(), {"content-type": "application/json"}
     )
     with urllib.request.urlopen(req, timeout=30) as r:
         return json.load(r)
-
-
-def wait_for(driver, predicate, what: str, timeout: float = 20.0):
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    return WebDriverWait(driver, timeout, poll_frequency=0.05).until(
-        lambda d: predicate(d), message=f"timed out waiting for {what}"
-    )
 
 
 def status(driver) -> str:

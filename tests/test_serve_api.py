@@ -23,7 +23,13 @@ from hrem_ray.cli import main
 from hrem_ray.data.precomp import open_split
 from hrem_ray.embed import embed_captions, embed_features
 from hrem_ray.serving.api import NPY, PAGE, LocalBackend, body_limits, build_app
-from hrem_ray.serving.service import MAX_K, MAX_QUERY_CHARS, MAX_REGIONS, RetrievalService
+from hrem_ray.serving.service import (
+    MAX_K,
+    MAX_QUERIES,
+    MAX_QUERY_CHARS,
+    MAX_REGIONS,
+    RetrievalService,
+)
 from hrem_ray.testing import metric_samples, tiny_data_and_checkpoint
 
 N_IMAGES, N_CAPTIONS, IMG_DIM, DIM = 10, 50, 24, 32
@@ -137,6 +143,37 @@ def test_search_text_default_k_is_10(world, client):
     expect_text_hits(world, "a cat", 10, r.json()["results"])
 
 
+# Repeats, white space, non-ASCII, a query at the length bound: each answered as if alone.
+QUERY_LIST = [
+    "a dog runs",
+    "two men",
+    "a dog runs",
+    "  padded  ",
+    "Ünïcødé 狗 🐕",
+    "A" * MAX_QUERY_CHARS,
+]
+
+
+@pytest.mark.parametrize("path", ["/search/text", "/embed/text"])
+@pytest.mark.parametrize(
+    "queries", [QUERY_LIST, ["one query"], [f"thing {i}" for i in range(MAX_QUERIES)]]
+)
+def test_a_list_of_queries_answers_each_as_alone_in_order(client, path, queries):
+    k = {"k": 3} if path == "/search/text" else {}
+    singles = [client.post(path, json={"query": q, **k}) for q in queries]
+    assert all(r.status_code == 200 for r in singles)
+    r = client.post(path, json={"query": queries, **k})
+    assert r.status_code == 200, r.text
+    assert r.json() == [s.json() for s in singles]  # exactly, not merely close
+
+
+def test_a_list_search_equals_offline(world, client):
+    r = client.post("/search/text", json={"query": QUERY_LIST[:3]})
+    assert [a["query"] for a in r.json()] == QUERY_LIST[:3]
+    for query, answer in zip(QUERY_LIST[:3], r.json(), strict=True):
+        expect_text_hits(world, query, 10, answer["results"])  # k applies to every query
+
+
 @pytest.mark.parametrize(("image_id", "k"), [(0, 5), (7, 1), (9, 100)])
 def test_search_image_by_id_equals_offline(world, client, image_id, k):
     r = client.post("/search/image", json={"image_id": image_id, "k": k})
@@ -237,7 +274,16 @@ QUERY_ERRORS = [
     ({"query": "x" * (MAX_QUERY_CHARS + 1)}, str(MAX_QUERY_CHARS)),
     ({"query": 5}, "query"),
     ({"query": None}, "query"),
-    ({"query": ["a"]}, "query"),
+    ({"query": []}, f"a list of queries must hold 1 to {MAX_QUERIES}, got 0"),
+    ({"query": ["a"] * (MAX_QUERIES + 1)}, f"1 to {MAX_QUERIES}, got {MAX_QUERIES + 1}"),
+    ({"query": ["a", 5]}, "query.1"),
+    ({"query": ["a", ["b"]]}, "query.1"),
+    ({"query": ["a", "  "]}, "query.1: must be a non-empty string"),
+    (
+        {"query": ["x" * (MAX_QUERY_CHARS + 1)]},
+        f"query.0: string should have at most {MAX_QUERY_CHARS}",
+    ),
+    ({"query": {"q": "a"}}, f"query must be a string or a list of 1 to {MAX_QUERIES} strings"),
     ({}, "query"),
     ({"query": "a", "extra": 1}, "extra"),
 ]
@@ -270,6 +316,18 @@ def test_bad_k_in_the_service_too(service):
             continue
         with pytest.raises(RequestError, match="k must be"):
             service.check_k(k)
+
+
+def test_bad_query_lists_in_the_service_too(service):
+    """So do the replicas with a list of queries: its bound, and each query."""
+    from hrem_ray.serving.service import RequestError
+
+    assert service.check_queries("a") == ["a"] and service.check_queries(["a", "b"]) == ["a", "b"]
+    for query in ([], ["a"] * (MAX_QUERIES + 1), ("a",), None, 5):
+        with pytest.raises(RequestError, match=f"list of 1 to {MAX_QUERIES} strings"):
+            service.check_queries(query)
+    with pytest.raises(RequestError, match="non-empty"):
+        service.check_queries(["a", " "])
 
 
 FEATURE_ERRORS = [
@@ -460,6 +518,8 @@ def test_metrics_count_requests_by_path_and_status(service):
         for _ in range(3):
             assert c.post("/search/text", json={"query": "a dog"}, headers=key).status_code == 200
         assert c.post("/embed/text", json={"query": "a dog"}, headers=key).status_code == 200
+        r = c.post("/embed/text", json={"query": ["a", "b", "c"]}, headers=key)
+        assert r.status_code == 200
         assert c.post("/search/text", json={"query": " "}, headers=key).status_code == 422
         assert c.post("/search/image", json={"image_id": 99}, headers=key).status_code == 404
         assert c.post("/search/image", json={"image_id": 1}).status_code == 401
@@ -475,15 +535,15 @@ def test_metrics_count_requests_by_path_and_status(service):
 
     assert count("/search/text", 200) == 3
     assert count("/search/text", 422) == 1
-    assert count("/embed/text", 200) == 1
+    assert count("/embed/text", 200) == 2  # a list of queries is one request
     assert count("/search/image", 404) == 1
     assert count("/search/image", 401) == 1
     assert count("other", 404) == 1
     assert count("/readyz", 200) == 1
     assert samples[("hrem_request_seconds_count", (("path", "/search/text"),))] == 4
-    # every text query embedded in a batch of one in-process
-    assert samples[("hrem_text_batch_size_count", ())] == 4
-    assert samples[("hrem_text_batch_size_bucket", (("le", "1.0"),))] == 4
+    # every text query, the list's three included, embedded in a batch of one in-process
+    assert samples[("hrem_text_batch_size_count", ())] == 7
+    assert samples[("hrem_text_batch_size_bucket", (("le", "1.0"),))] == 7
     assert samples[("hrem_gallery_images", ())] == N_IMAGES
 
 
@@ -538,6 +598,9 @@ def maybe(**fields) -> st.SearchStrategy[dict]:
 
 # Well-formed bodies too, so that a good share of examples reach the model and the search.
 good_query = st.text(min_size=1, max_size=MAX_QUERY_CHARS)
+good_queries = st.one_of(
+    good_query, st.lists(st.text(min_size=1, max_size=40), min_size=1, max_size=5)
+)
 good_k = st.integers(min_value=1, max_value=MAX_K)
 feature_value = st.one_of(
     st.floats(-100, 100, width=32),  # what region features look like
@@ -549,14 +612,14 @@ good_features = st.lists(
 BODIES = {
     "/search/text": st.one_of(
         maybe(query=queries, k=ks),
-        st.fixed_dictionaries({"query": good_query}, optional={"k": good_k}),
+        st.fixed_dictionaries({"query": good_queries}, optional={"k": good_k}),
     ),
     "/search/image": st.one_of(
         maybe(image_id=image_ids, features=features, k=ks),
         st.fixed_dictionaries({"image_id": image_ids}, optional={"k": good_k}),
         st.fixed_dictionaries({"features": good_features}, optional={"k": good_k}),
     ),
-    "/embed/text": st.one_of(maybe(query=queries), st.fixed_dictionaries({"query": good_query})),
+    "/embed/text": st.one_of(maybe(query=queries), st.fixed_dictionaries({"query": good_queries})),
     "/embed/image": st.one_of(
         maybe(features=features), st.fixed_dictionaries({"features": good_features})
     ),
@@ -582,15 +645,24 @@ def test_fuzz_json_bodies_never_5xx(client, path, data):
     event(f"HTTP {r.status_code}")  # pytest --hypothesis-show-statistics shows the mix
     assert r.status_code < 500, (body, r.status_code, r.text)
     if r.status_code == 200:
-        answer = r.json()
-        if path.startswith("/embed"):
-            emb = answer["embedding"]
-            assert len(emb) == DIM and all(isinstance(v, float) and math.isfinite(v) for v in emb)
-            assert abs(math.hypot(*emb) - 1) < 1e-4
+        answers = r.json()
+        if isinstance(body.get("query"), list):  # a list of queries: a list, in its order
+            event("a list of queries")
+            assert isinstance(answers, list) and len(answers) == len(body["query"])
+            if path == "/search/text":
+                assert [a["query"] for a in answers] == body["query"]
         else:
-            scores = [h["score"] for h in answer["results"]]
-            assert scores and all(isinstance(v, float) and math.isfinite(v) for v in scores)
-            assert scores == sorted(scores, reverse=True)
+            answers = [answers]
+        for answer in answers:
+            if path.startswith("/embed"):
+                emb = answer["embedding"]
+                assert len(emb) == DIM
+                assert all(isinstance(v, float) and math.isfinite(v) for v in emb)
+                assert abs(math.hypot(*emb) - 1) < 1e-4
+            else:
+                scores = [h["score"] for h in answer["results"]]
+                assert scores and all(isinstance(v, float) and math.isfinite(v) for v in scores)
+                assert scores == sorted(scores, reverse=True)
     else:
         assert_error(r, r.status_code)
 
@@ -688,7 +760,15 @@ def test_body_limits_are_exact_for_each_encoding(client):
     r = client.post("/embed/image", content=npy + b" ", headers={"content-type": NPY})
     assert_error(r, 413, str(NPY_LIMIT))
     body = json.dumps({"features": feats.tolist()}).encode()
-    assert len(body) <= JSON_LIMIT < 1.02 * len(body)  # a tight limit
+    assert len(body) <= JSON_LIMIT
+    # at this img_dim the largest JSON body is MAX_QUERIES queries of escaped emoji
+    queries = ["\U0001f600" * MAX_QUERY_CHARS] * MAX_QUERIES
+    text = json.dumps({"query": queries}).encode()
+    assert len(text) <= JSON_LIMIT < 1.01 * len(text)  # a tight limit
+    padded = text[:-1] + b" " * (JSON_LIMIT - len(text)) + b"}"
+    r = client.post("/embed/text", content=padded, headers=JSON)
+    assert r.status_code == 200 and len(r.json()) == MAX_QUERIES, r.text
+    assert_error(client.post("/embed/text", content=padded + b" ", headers=JSON), 413)
     body = body[:-1] + b" " * (JSON_LIMIT - len(body)) + b"}"
     assert len(body) == JSON_LIMIT
     r = client.post("/embed/image", content=body, headers=JSON)
@@ -727,6 +807,23 @@ def test_openapi_documents_every_status_and_the_error_schema(client):
     content = spec["paths"]["/search/image"]["post"]["requestBody"]["content"]
     assert set(content) == {"application/json", NPY}
     assert "401" not in spec["paths"]["/search/text"]["post"]["responses"]
+
+
+@pytest.mark.parametrize(
+    ("path", "answer"), [("/search/text", "TextResults"), ("/embed/text", "Embedding")]
+)
+def test_openapi_describes_a_query_and_a_list_of_them(client, path, answer):
+    post = client.get("/openapi.json").json()["paths"][path]["post"]
+    query = post["requestBody"]["content"]["application/json"]["schema"]["properties"]["query"]
+    one, many = query["oneOf"]
+    assert one["type"] == "string" and one["maxLength"] == MAX_QUERY_CHARS
+    assert many["type"] == "array" and many["items"] == one
+    assert (many["minItems"], many["maxItems"]) == (1, MAX_QUERIES)
+    assert str(MAX_QUERIES) in post["summary"] and "order" in query["description"]
+    ref = {"$ref": f"#/components/schemas/{answer}"}
+    single, listed = post["responses"]["200"]["content"]["application/json"]["schema"]["anyOf"]
+    assert single == ref and listed["items"] == ref and listed["type"] == "array"
+    assert (listed["minItems"], listed["maxItems"]) == (1, MAX_QUERIES)
 
 
 def test_schema_valid_requests_found_by_review_are_served(client):

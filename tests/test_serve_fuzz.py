@@ -3,6 +3,8 @@
 Every generated request, schema-valid or not, must get an answer the schema documents:
 status code, content type and body schema conform, schema-valid requests are accepted (2xx,
 or 404 for an image id not in the gallery), schema-invalid ones refused with a 4xx, no 5xx.
+The text routes' schema has a query and a list of them: both forms are generated, and a list
+must be answered by as many answers, in its order (``check_query_list``).
 A bounded number of cases with a fixed seed keeps it a CI test; ``test_serve_ray.py`` runs
 the same test through Ray Serve (docs/serving.md).
 """
@@ -87,10 +89,25 @@ expected-statuses = [400, 401, 403, 404, 405, 406, 409, 413, 415, 422, 428, 429,
 """)
 
 
+def check_query_list(case: Any, response: Any) -> str:
+    """What no JSON Schema states: a list of queries gets one answer per query, in its order
+    (a search answer echoes its query). Returns the form of the case's query: " list" or ""."""
+    body = case.body
+    if not (isinstance(body, dict) and isinstance(body.get("query"), list)):
+        return ""
+    if response.status_code == 200:
+        answers = response.json()
+        assert isinstance(answers, list) and len(answers) == len(body["query"]), answers
+        if case.path == "/search/text":
+            assert [a["query"] for a in answers] == body["query"]
+    return " list"
+
+
 def run_schemathesis(schema: Any, headers: dict[str, str]) -> dict[str, Any]:
     """Every operation of ``schema``, positive and negative cases, ``MAX_EXAMPLES`` of each,
-    through ``case.call_and_validate`` (all of schemathesis's default checks). Returns the
-    number of cases and the statuses seen; a failing check raises."""
+    through ``case.call_and_validate`` (all of schemathesis's default checks) and
+    ``check_query_list``. Returns the number of cases and the statuses seen (a list of
+    queries counted apart: "POST /embed/text positive 200 list"); a failing check raises."""
     from hypothesis.errors import Unsatisfiable
     from schemathesis.generation.modes import GenerationMode
 
@@ -103,7 +120,7 @@ def run_schemathesis(schema: Any, headers: dict[str, str]) -> dict[str, Any]:
         @given(case=operation.as_strategy(generation_mode=mode))
         def check(case: Any) -> None:
             response = case.call_and_validate(headers=headers)
-            key = f"{label} {response.status_code}"
+            key = f"{label} {response.status_code}{check_query_list(case, response)}"
             seen[key] = seen.get(key, 0) + 1
 
         try:
@@ -141,3 +158,7 @@ def test_openapi_conformance_in_process(app):
     # schema-valid requests reached the model on every POST
     for path in ("/search/text", "/search/image", "/embed/text", "/embed/image"):
         assert any(k.startswith(f"POST {path} positive 200") for k in report["statuses"]), path
+    # both forms of the text routes' query were generated, served and checked
+    for path in ("/search/text", "/embed/text"):
+        for form in ("", " list"):
+            assert f"POST {path} positive 200{form}" in report["statuses"], (path, form)

@@ -315,6 +315,30 @@ def test_concurrent_text_queries_are_batched(cluster, local):
     assert delta("hrem_requests_total", ok) == threads * waves
 
 
+BATCH_SAMPLES = ("hrem_text_batch_size_count", "hrem_text_batch_size_sum")
+
+
+def test_a_list_of_text_queries_is_one_model_batch(cluster, local):
+    """A list's queries are items of ``@serve.batch``: one forward pass for all of them here
+    (an idle replica, fewer than max_batch_size), each answer the single query's."""
+    ref = local[current_checkpoint(cluster, local)]
+    queries = [f"a list query about thing {i}" for i in range(8)]
+    for path, k in (("/search/text", {"k": 5}), ("/embed/text", {})):
+        before = metric_samples(get(cluster, "/metrics").text)
+        r = post(cluster, path, {"query": queries, **k})
+        after = metric_samples(get(cluster, "/metrics").text)
+        assert r.status_code == 200, r.text
+        assert len(r.json()) == len(queries)
+        for query, got in zip(queries, r.json(), strict=True):
+            want = ref.post(path, json={"query": query, **k}).json()
+            if path == "/search/text":
+                assert got["query"] == query and same_hits(got["results"], want["results"])
+            else:
+                np.testing.assert_allclose(got["embedding"], want["embedding"], atol=SCORE_TOL)
+        count, total = (after[(m, ())] - before.get((m, ()), 0) for m in BATCH_SAMPLES)
+        assert (count, total) == (len(queries), len(queries) ** 2), path  # one batch of 8
+
+
 class Stream:
     """Requests from a background thread, each with a timeout, until stopped."""
 

@@ -49,8 +49,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from hrem_ray.serving.service import (
     MAX_FEATURE_ABS,
     MAX_K,
+    MAX_QUERIES,
     MAX_QUERY_CHARS,
     MAX_REGIONS,
+    QUERIES_MESSAGE,
     SPACE_CLASS,
     Reply,
     RequestError,
@@ -71,9 +73,10 @@ BODY_READ_TIMEOUT_S = 30.0  # a client that stops sending its body gets a 408
 
 def body_limits(img_dim: int) -> dict[str, int]:
     """Largest legitimate body per encoding: MAX_REGIONS x img_dim features as JSON numbers
-    (base64 and text queries are smaller), and as an .npy file."""
+    (base64 is smaller) or MAX_QUERIES text queries, and features as an .npy file."""
     regions = MAX_REGIONS * img_dim
-    query = MAX_QUERY_CHARS * 12  # every character a \\ud83d\\ude00 surrogate-pair escape
+    # every character a \\ud83d\\ude00 surrogate-pair escape; each query in quotes, then ", "
+    query = MAX_QUERIES * (MAX_QUERY_CHARS * 12 + 4)
     return {
         "json": max(regions * JSON_NUMBER_BYTES, query) + JSON_SLACK_BYTES,
         NPY: NPY_HEADER_BYTES + 4 * regions,
@@ -125,17 +128,34 @@ def _integral(value: Any) -> Any:
 
 
 K = Annotated[int, Field(ge=1, le=MAX_K), BeforeValidator(_integral)]
+ONE, MANY = "one", "many"  # the tags of Queries: validation errors name neither
+
+
+def _one_or_many(value: Any) -> str | None:
+    return ONE if isinstance(value, str) else MANY if isinstance(value, list) else None
+
+
+# A query, or a list of them answered by a list in the same order (docs/serving.md). Tagged,
+# so that a bad request gets the error of the form it tried, and the schema says oneOf.
+Queries = Annotated[
+    Annotated[Query, Tag(ONE)]
+    | Annotated[list[Query], Field(min_length=1, max_length=MAX_QUERIES), Tag(MANY)],
+    Discriminator(
+        _one_or_many, custom_error_type="query_type", custom_error_message=QUERIES_MESSAGE
+    ),
+    Field(description=f"a query, or 1 to {MAX_QUERIES} of them: answered in their order"),
+]
 
 
 class TextQuery(BaseModel):
     model_config = STRICT
-    query: Query
+    query: Queries
     k: K = 10
 
 
 class TextEmbedRequest(BaseModel):
     model_config = STRICT
-    query: Query
+    query: Queries
 
 
 class Error(BaseModel):
@@ -166,6 +186,15 @@ class ImageResults(BaseModel):
 
 class Embedding(BaseModel):
     embedding: list[float]
+
+
+def one_or_list(answer: type[BaseModel]) -> Any:
+    """The answer to a query, or to a list of queries: a list of answers in its order."""
+    answers = Annotated[
+        list[answer],  # type: ignore[valid-type]
+        Field(min_length=1, max_length=MAX_QUERIES, description="one per query, in order"),
+    ]
+    return answer | answers
 
 
 class Health(BaseModel):
@@ -270,7 +299,7 @@ class Route:
     path: str
     op: str
     summary: str
-    answer: type[BaseModel]
+    answer: Any  # a pydantic model, or one_or_list of one
     request: Any = None  # a pydantic model or type; None: a GET
     binary: bool = False  # also takes an application/x-npy body (and k in the query)
     statuses: tuple[int, ...] = ()  # beyond those of every POST
@@ -280,7 +309,13 @@ def routes(img_dim: int) -> list[Route]:
     image = image_models(img_dim)
     return [
         Route("/readyz", "status", "Readiness: model and gallery ids and sizes", Status),
-        Route("/search/text", "search_text", "Images for a caption", TextResults, TextQuery),
+        Route(
+            "/search/text",
+            "search_text",
+            f"Images for a caption, or for each of a list of up to {MAX_QUERIES}",
+            one_or_list(TextResults),
+            TextQuery,
+        ),  # fmt: skip
         Route(
             "/search/image",
             "search_image",
@@ -290,7 +325,13 @@ def routes(img_dim: int) -> list[Route]:
             binary=True,
             statuses=(404,),
         ),  # fmt: skip
-        Route("/embed/text", "embed_text", "A caption's embedding", Embedding, TextEmbedRequest),
+        Route(
+            "/embed/text",
+            "embed_text",
+            f"A caption's embedding, or those of a list of up to {MAX_QUERIES}",
+            one_or_list(Embedding),
+            TextEmbedRequest,
+        ),  # fmt: skip
         Route(
             "/embed/image",
             "embed_image",
@@ -387,10 +428,16 @@ def build_app(
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, e: RequestValidationError):
         first = e.errors()[0] if e.errors() else {}
-        loc = [str(x) for x in first.get("loc", ()) if x not in ("body", "id")]
+        loc = [str(x) for x in first.get("loc", ()) if x not in ("body", "id", ONE, MANY)]
+        field = next((x for x in reversed(loc) if not x.isdigit()), "")  # query.3: query
         message = first.get("msg", "invalid request")
-        if first.get("type") == "string_pattern_mismatch" and loc:
-            message = PATTERN_MESSAGES.get(loc[-1], message)
+        if first.get("type") == "query_type":  # QUERIES_MESSAGE names its field
+            return _error(422, message)
+        if first.get("type") == "string_pattern_mismatch":
+            message = PATTERN_MESSAGES.get(field, message)
+        elif first.get("type") in ("too_short", "too_long") and loc == ["query"]:
+            n = first.get("ctx", {}).get("actual_length")
+            message = f"a list of queries must hold 1 to {MAX_QUERIES}, got {n}"
         return _error(422, f"{'.'.join(loc) or 'body'}: {message}")
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -448,8 +495,8 @@ def _add_route(app, route: Route, backend, batch_sizes, components, *, protected
             raise RequestError(f"unknown query parameter(s): {', '.join(unknown)}")
         kwargs = await _parse(request, route, adapter) if adapter is not None else {}
         reply = await backend.call(route.op, **kwargs)
-        if reply.batch:
-            batch_sizes.observe(reply.batch)
+        for batch in reply.batches:  # one observation per text query, as for single queries
+            batch_sizes.observe(batch)
         return JSONResponse(reply.body)
 
     method = "POST" if adapter is not None else "GET"

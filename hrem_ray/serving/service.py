@@ -10,6 +10,7 @@ by name, and the Ray Serve deployment (``app.py``) is this class plus ``@serve.b
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -40,6 +41,10 @@ from hrem_ray.registry import Registered, describe, resolve_checkpoints
 
 log = logging.getLogger(__name__)
 MAX_QUERY_CHARS = 1000
+# A text request may carry a list of queries instead of one, answered in the same order: one
+# request's cost for many. Each query still travels the single-query path (``embed_queries``).
+MAX_QUERIES = 64
+QUERIES_MESSAGE = f"query must be a string or a list of 1 to {MAX_QUERIES} strings"
 MAX_K = 100
 MAX_REGIONS = 100
 # Region features are post-ReLU detector outputs (tens at most); far larger values overflow
@@ -75,11 +80,12 @@ class Hit:
 
 @dataclass
 class Reply:
-    """An operation's JSON body, plus the size of the text batch it was embedded in (for the
-    ``hrem_text_batch_size`` histogram; 0 for operations that embed no text)."""
+    """An operation's JSON body (a list for a list of queries), plus the size of the model
+    batch each of its text queries was embedded in (for the ``hrem_text_batch_size``
+    histogram; empty for operations that embed no text)."""
 
-    body: dict[str, Any]
-    batch: int = 0
+    body: dict[str, Any] | list[dict[str, Any]]
+    batches: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -306,11 +312,16 @@ class RetrievalService:
         return self.current.gallery
 
     # -- the operations (one HTTP route each, api.py) ------------------------------------
-    async def search_text(self, query: str, k: int = 10) -> Reply:
+    async def search_text(self, query: str | list[str], k: int = 10) -> Reply:
+        """Images for a query, or for each of a list of queries (a list of answers)."""
         self.check_k(k)
-        emb, batch, model = await self.embed_query(self.check_query(query))
-        hits = images_for(model, emb, k)
-        return Reply({"query": query, "results": [h.to_json() for h in hits]}, batch)
+        queries = self.check_queries(query)
+        embedded = await self.embed_queries(queries)
+        answers = [
+            {"query": q, "results": [h.to_json() for h in images_for(model, emb, k)]}
+            for q, (emb, _, model) in zip(queries, embedded, strict=True)
+        ]
+        return _reply(query, answers, embedded)
 
     async def search_image(
         self, image_id: int | None = None, features: Any = None, k: int = 10
@@ -326,9 +337,10 @@ class RetrievalService:
             emb = model.embed_image(self.check_features(features))
         return Reply({"results": [h.to_json() for h in captions_for(model, emb, k)]})
 
-    async def embed_text(self, query: str) -> Reply:
-        emb, batch, _ = await self.embed_query(self.check_query(query))
-        return Reply({"embedding": emb.tolist()}, batch)
+    async def embed_text(self, query: str | list[str]) -> Reply:
+        """A query's embedding, or a list of them for a list of queries."""
+        embedded = await self.embed_queries(self.check_queries(query))
+        return _reply(query, [{"embedding": emb.tolist()} for emb, _, _ in embedded], embedded)
 
     async def embed_image(self, features: Any) -> Reply:
         emb = self.current.embed_image(self.check_features(features))
@@ -361,6 +373,13 @@ class RetrievalService:
         model = self.current
         return model.embed_texts([query])[0], 1, model
 
+    async def embed_queries(self, queries: list[str]) -> list[tuple[np.ndarray, int, Model]]:
+        """``embed_query`` of each query, in order and concurrently: a list travels the
+        single-query path, so each answer is the single query's, and under Ray Serve its
+        queries are items of ``@serve.batch`` (model batches of up to ``max_batch_size``,
+        shared with other requests' queries), never one forward pass each."""
+        return list(await asyncio.gather(*map(self.embed_query, queries)))
+
     # -- the pieces (also used by tests and benchmarks) ---------------------------------
     def embed_texts(self, queries: list[str]) -> np.ndarray:
         return self.current.embed_texts(queries)
@@ -382,6 +401,15 @@ class RetrievalService:
         if len(query) > MAX_QUERY_CHARS:
             raise RequestError(f"query longer than {MAX_QUERY_CHARS} characters")
         return query
+
+    @classmethod
+    def check_queries(cls, query: str | list[str]) -> list[str]:
+        """One query, or a list of 1 to ``MAX_QUERIES``, as a list of valid queries."""
+        if isinstance(query, str):
+            return [cls.check_query(query)]
+        if not isinstance(query, list) or not 1 <= len(query) <= MAX_QUERIES:
+            raise RequestError(QUERIES_MESSAGE)
+        return [cls.check_query(q) for q in query]
 
     @staticmethod
     def check_k(k: int) -> int:
@@ -416,6 +444,14 @@ class RetrievalService:
         if not 0 <= image_id < self.gallery.n_images:
             raise RequestError(f"unknown image_id {image_id}", status=404)
         return image_id
+
+
+def _reply(
+    query: str | list[str], answers: list[dict[str, Any]], embedded: list[tuple[Any, int, Any]]
+) -> Reply:
+    """A single query's answer as it always was; a list's answers as a list, in its order."""
+    body = answers[0] if isinstance(query, str) else answers
+    return Reply(body, [batch for _, batch, _ in embedded])
 
 
 def images_for(model: Model, text_emb: np.ndarray, k: int) -> list[Hit]:

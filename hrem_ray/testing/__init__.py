@@ -36,6 +36,7 @@ __all__ = [
     "start_moto",
     "stop_group",
     "tiny_data_and_checkpoint",
+    "wait_until_up",
 ]
 
 # f30k-format data of 20/5/10 images of 6 regions x 24 dims, and a model at toy width: big
@@ -105,16 +106,29 @@ def start_moto(port: int, env: dict[str, str] | None = None) -> subprocess.Popen
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    deadline = time.monotonic() + 30
+    wait_until_up(f"http://127.0.0.1:{port}/moto-api/", proc, "moto server", 60)
+    return proc
+
+
+def wait_until_up(
+    url: str, proc: subprocess.Popen, what: str, timeout: float, log: Path | None = None
+) -> None:
+    """Poll ``url`` until it answers 200. If ``proc`` exits or ``timeout`` seconds pass first,
+    stop its group and raise, with the tail of ``log`` when there is one."""
+    deadline = time.monotonic() + timeout
     while True:
         try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/moto-api/", timeout=1).close()
-            return proc
+            with urllib.request.urlopen(url, timeout=2) as reply:
+                if reply.status == 200:
+                    return
         except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                stop_group(proc)
-                raise RuntimeError(f"moto server on port {port} did not start") from None
-            time.sleep(0.1)
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_group(proc)
+            tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
+            state = "exited" if proc.poll() is not None else f"not up after {timeout:.0f} s"
+            raise RuntimeError(f"{what} {state}: {url}\n{tail}".rstrip())
+        time.sleep(0.25)
 
 
 def stop_group(proc: subprocess.Popen) -> None:
@@ -137,7 +151,7 @@ def start_mlflow_server(
     *,
     port: int | None = None,
     env: dict[str, str] | None = None,
-    timeout: float = 90.0,
+    timeout: float = 300.0,
 ) -> tuple[subprocess.Popen, str]:
     """Start ``mlflow server`` with ``root/mlflow.db`` as its store and
     ``s3://bucket/mlflow`` (at ``s3_endpoint``) as its artifact destination; return the
@@ -174,14 +188,5 @@ def start_mlflow_server(
     )
     log.close()
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            urllib.request.urlopen(f"{uri}/health", timeout=1).close()
-            return proc, uri
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                stop_group(proc)
-                tail = (root / "server.log").read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"mlflow server on port {port} did not start:\n{tail}") from None
-            time.sleep(0.25)
+    wait_until_up(f"{uri}/health", proc, "mlflow server", timeout, root / "server.log")
+    return proc, uri
