@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ from hrem_ray.testing import TINY_MODEL
 def run(images: int, workers: int, batch_size: int) -> dict:
     import ray
 
+    load_before = os.getloadavg()[0]  # other jobs on the machine move both figures
     root = Path(tempfile.mkdtemp(prefix="bench-index-"))
     bert = write_tiny_bert(root / "bert")
     data, ckpt = root / "data", root / "ckpt"
@@ -46,7 +48,8 @@ def run(images: int, workers: int, batch_size: int) -> dict:
                for f in (IMAGE_EMBS, CAPTION_EMBS))  # fmt: skip
     return {"images": images, "workers": workers, "batch_size": batch_size,
             "single_images_per_s": images / single_s, "ray_images_per_s": images / ray_s,
-            "byte_identical": same}  # fmt: skip
+            "byte_identical": same,
+            "load_average": [round(load_before, 1), round(os.getloadavg()[0], 1)]}  # fmt: skip
 
 
 def main() -> None:
@@ -59,7 +62,8 @@ def main() -> None:
     f = run(a.images, a.workers, a.batch_size)
     print(
         f"single process: {f['single_images_per_s']:.0f} images/s; Ray Data, {a.workers} "
-        f"workers: {f['ray_images_per_s']:.0f} images/s; byte-identical: {f['byte_identical']}"
+        f"workers: {f['ray_images_per_s']:.0f} images/s; byte-identical: {f['byte_identical']}; "
+        f"load average {f['load_average'][0]} -> {f['load_average'][1]}"
     )
     if a.json:
         Path(a.json).write_text(json.dumps(f, indent=2))

@@ -22,6 +22,7 @@ load average, since other work on the machine moves every number.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import http.client
 import io
@@ -32,6 +33,7 @@ import multiprocessing as mp
 import os
 import re
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Callable
@@ -41,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from hrem_ray.ray_runtime import set_env_defaults
+from hrem_ray.ray_runtime import haproxy_env, set_env_defaults
 from hrem_ray.serving.client import wait_ready
 from hrem_ray.testing import TINY_MODEL, free_port, metric_samples
 
@@ -53,6 +55,13 @@ MODELS = {
 BERT_BASE = ["--hidden", "768", "--layers", "12", "--heads", "12", "--intermediate", "3072"]
 K = 10
 WARMUP_S = 1.5
+# --proxy: what stands between the clients and the replicas (docs/serving.md, "Benchmark"), as
+# the environment the private Ray starts with (a variable already set wins)
+PROXIES: dict[str, Callable[[], dict[str, str]]] = {
+    "serve": dict,  # Serve's proxy, the default
+    "throughput": lambda: {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},  # Serve's proxy, tuned
+    "haproxy": haproxy_env,  # hrem-ray serve --haproxy
+}
 # Targets (issue 16): Serve's overhead at concurrency 1 at most this times the echo floor of
 # the same shape; QPS at the top concurrency at least this share of the in-process ceiling
 # (32 queries per call); p99 at most this times p50 there.
@@ -195,19 +204,38 @@ def in_process(service: Any, queries: list[str], batch: int) -> Client:
     return call
 
 
-def through_handle(queries: list[str]) -> Client:
+def through_handle(queries: list[str], loop: asyncio.AbstractEventLoop) -> Client:
     """``search_text`` on the one-hop app's Retriever through a Serve handle: Serve's replica
-    call without the HTTP proxy and the ingress (splits the overhead)."""
+    call without the HTTP proxy and the ingress (splits the overhead). Awaited on ``loop``
+    (``EventLoop``), as a deployment awaits a handle: under RAY_SERVE_THROUGHPUT_OPTIMIZED
+    a handle's router runs on the caller's event loop, and a blocking ``.result()`` from a
+    thread without one raises."""
     from ray import serve
 
     handle = serve.get_deployment_handle("Retriever", app_name="hrem")
     cycle = itertools.cycle(queries)
 
+    async def search(query: str) -> None:
+        await handle.search_text.remote(query, K)
+
     def call() -> Parts:
-        handle.search_text.remote(next(cycle), K).result()
+        asyncio.run_coroutine_threadsafe(search(next(cycle)), loop).result()
         return OK
 
     return call
+
+
+class EventLoop:
+    """An asyncio event loop in a thread of its own, for the handle clients."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join()
 
 
 class PageVisit:
@@ -310,22 +338,25 @@ def floor_app(shape: Shape) -> Any:
 
 def deploy_shape(
     shape: Shape, ckpt: Path, gallery: Path, img_dim: int, n_images: int, max_batch: int,
-    max_replicas: int,
+    max_replicas: int, num_gpus: float = 0.0, bf16: bool = False,
 ) -> None:  # fmt: skip
     """(Re)deploy ``shape`` with a new ``serve.run``: the user_config reaches the new replicas'
     ``reconfigure()`` (Ray 2.60 gives every deployment of a ``serve.run`` a new version). Two
     hops: Serve allows one FastAPI deployment per application, so the Retriever is one with no
     route and the ingress (``build_app`` over a DeploymentHandle, one replica) another; it
-    holds no model, so it is told ``img_dim`` (its request schema) and the gallery size."""
+    holds no model, so it is told ``img_dim`` (its request schema) and the gallery size.
+    ``num_gpus`` and ``bf16``: the Retriever's, as ``run_service`` takes them."""
     from ray import serve
 
     from hrem_ray.serving.api import build_app
     from hrem_ray.serving.app import AUTOSCALING, Retriever
 
+    actor = {**Retriever.ray_actor_options, **({"num_gpus": num_gpus} if num_gpus else {})}
     retriever = Retriever.options(
         autoscaling_config={**AUTOSCALING, "max_replicas": max_replicas},
         user_config={"max_batch_size": max_batch},
-    ).bind(str(ckpt.resolve()), str(gallery.resolve()))
+        ray_actor_options=actor,
+    ).bind(str(ckpt.resolve()), str(gallery.resolve()), None, bf16)
     if shape.hops == 1:
         serve.run(retriever, name="hrem", route_prefix="/")
         return
@@ -439,6 +470,11 @@ class Bench:
     duration_s: float
     max_requests: int
     img_dim: int = 0  # from the in-process service
+    num_gpus: float = 0.0  # each Retriever's GPU share (--num-gpus)
+    bf16: bool = False
+    # one loop for every handle client: Serve caches a handle, and its router stays on the
+    # loop that first used it
+    handle_loop: EventLoop = field(default_factory=EventLoop)
     rows: list[str] = field(default_factory=list)
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
     scales: dict[int, dict[str, Any]] = field(default_factory=dict)
@@ -471,7 +507,7 @@ class Bench:
     def deploy(self, shape: Shape, max_batch: int, max_replicas: int) -> None:
         t0 = time.monotonic()
         deploy_shape(shape, self.ckpt, self.gallery, self.img_dim, self.n_images, max_batch,
-               max_replicas)  # fmt: skip
+                     max_replicas, self.num_gpus, self.bf16)  # fmt: skip
         wait_for_search(self.base)
         log(f"{shape.hops}-hop app (max_batch {max_batch}, max_replicas {max_replicas}) up in "
             f"{time.monotonic() - t0:.1f} s")  # fmt: skip
@@ -501,7 +537,7 @@ class Bench:
             r = self.load(c)
             self.record(shape.key(f"{batching}/{c}"), f"Serve, batching {label}", shape.hops, c, r)
         if shape.hops == 1:
-            r = measure([through_handle(self.queries)], self.duration_s)
+            r = measure([through_handle(self.queries, self.handle_loop.loop)], self.duration_s)
             name = f"Retriever handle, no HTTP (batching {batching})"
             self.record(f"{batching}/handle", name, "-", 1, r)
 
@@ -654,9 +690,9 @@ def report(bench: Bench, a: argparse.Namespace, load0: tuple[float, float, float
     """The settings table, the one-hop vs two-hop table and the verdicts; ``--json`` too."""
     results, scales, top = bench.results, bench.scales, max(a.levels)
     print()
-    print(f"model: {MODELS[a.model]}; checkpoint {a.checkpoint or 'built fresh'}; gallery "
-          f"{bench.n_images} images; {a.duration:g} s per setting after {WARMUP_S:g} s warm-up; "
-          f"k={K}")  # fmt: skip
+    print(f"proxy: {a.proxy}; model: {MODELS[a.model]}; checkpoint "
+          f"{a.checkpoint or 'built fresh'}; gallery {bench.n_images} images; {a.duration:g} s "
+          f"per setting after {WARMUP_S:g} s warm-up; k={K}")  # fmt: skip
     print(_cells(tuple(name for name, _ in COLUMNS)))
     print("|" + "|".join("-" * (int(spec[1:]) + 2) for _, spec in COLUMNS) + "|")
     print(*bench.rows, sep="\n")
@@ -736,7 +772,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-autoscale", action="store_true", help="skip the max_replicas 2 phases")
     p.add_argument("--work", help="folder for the built gallery (default: a temp folder)")
     p.add_argument("--json", help="also write the figures here (bench/run_all.py)")
+    p.add_argument(
+        "--proxy", choices=PROXIES, default="serve",
+        help="serve: Serve's proxy; throughput: RAY_SERVE_THROUGHPUT_OPTIMIZED=1; haproxy: "
+        "hrem-ray serve --haproxy",
+    )  # fmt: skip
+    p.add_argument(
+        "--num-gpus",
+        type=float,
+        default=0.0,
+        help="each replica's GPU share (hrem-ray serve --num-gpus); default the CPU",
+    )
+    p.add_argument("--bf16", action="store_true", help="replicas encode queries under bf16")
     a = p.parse_args(argv)
+    if a.num_gpus < 0:
+        p.error("--num-gpus must be >= 0")
     if bool(a.checkpoint) != bool(a.gallery):
         p.error("--checkpoint and --gallery go together")
     a.levels = [int(x) for x in a.concurrency.split(",")]
@@ -760,17 +810,18 @@ def run(a: argparse.Namespace, gen: LoadGen, ckpt: Path, gallery: Path) -> Bench
     torch.set_num_threads(1)
     opened = Gallery.open(gallery)
     bench = Bench(gen, free_port(), ckpt, gallery, list(opened.captions[:500]), opened.n_images,
-                  a.duration, a.max_requests)  # fmt: skip
+                  a.duration, a.max_requests, num_gpus=a.num_gpus, bf16=a.bf16)  # fmt: skip
     del opened
     try:
         log("ray.init (a private local instance)")
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         t0 = time.monotonic()
         url = run_service(str(ckpt), str(gallery), host="127.0.0.1", port=bench.port,
-                          max_replicas=1)  # fmt: skip
+                          max_replicas=1, num_gpus=a.num_gpus, bf16=a.bf16)  # fmt: skip
         wait_for_search(bench.base)
         log(f"run_service up at {url} in {time.monotonic() - t0:.1f} s")
-        bench.baselines(RetrievalService(ckpt, gallery))
+        device = "cuda" if a.num_gpus else "cpu"  # the in-process ceiling on the replicas' device
+        bench.baselines(RetrievalService(ckpt, gallery, device=device, bf16=a.bf16))
         for shape in (SHAPES[h] for h in a.hops):
             if shape.hops == 2:
                 bench.deploy(shape, max_batch=32, max_replicas=1)
@@ -786,6 +837,7 @@ def run(a: argparse.Namespace, gen: LoadGen, ckpt: Path, gallery: Path) -> Bench
         try:
             serve.shutdown()
         finally:
+            bench.handle_loop.close()
             ray.shutdown()
     return bench
 
@@ -793,6 +845,7 @@ def run(a: argparse.Namespace, gen: LoadGen, ckpt: Path, gallery: Path) -> Bench
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     set_env_defaults()
+    set_env_defaults(PROXIES[a.proxy]())
     load0 = os.getloadavg()
     gen = LoadGen()  # first, before this process holds Ray or torch threads
     with ExitStack() as cleanup:

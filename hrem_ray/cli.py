@@ -19,6 +19,8 @@ from hrem_ray.options import (
     DATASETS,
     FEATURE_DTYPES,
     SWEEP_RUN_SKIPS,
+    EncodeOptions,
+    FailoverOptions,
     RayRunOptions,
     SweepOptions,
     add_config_flags,
@@ -111,12 +113,14 @@ def cmd_shard(a: argparse.Namespace) -> None:
 def cmd_embed(a: argparse.Namespace) -> None:
     from hrem_ray.checkpoint import load_checkpoint
     from hrem_ray.data.precomp import open_features, read_captions
+    from hrem_ray.devices import check_device
     from hrem_ray.embed import embed_captions, embed_features
     from hrem_ray.fileio import save_npy_atomic
 
+    device = check_device(a.device)
     (checkpoint,) = _checkpoints(a, [a.checkpoint], one=True)
-    ck = load_checkpoint(checkpoint, device=a.device)
-    kw = dict(batch_size=a.batch_size, device=a.device, progress=_log)
+    ck = load_checkpoint(checkpoint, device=device)
+    kw = dict(batch_size=a.batch_size, device=device, bf16=a.bf16, progress=_log)
     if a.images:
         embs = embed_features(ck.model, open_features(a.images), **kw)
     else:
@@ -133,8 +137,8 @@ def cmd_eval(a: argparse.Namespace) -> None:
     result = evaluate_ensemble(
         _checkpoints(a, a.checkpoint or []), a.data_path, a.dataset, a.split,
         sims_files=a.sims or [],
-        save_to=a.save_sims, batch_size=a.batch_size, device=a.device, fold5=a.fold5,
-        progress=_log,
+        save_to=a.save_sims, batch_size=a.batch_size, device=a.device, bf16=a.bf16,
+        fold5=a.fold5, progress=_log,
     )  # fmt: skip
     _log(f"{a.dataset} {a.split} ({time.perf_counter() - start:.1f}s)")
     _log(format_table(result))
@@ -158,15 +162,15 @@ def cmd_index(a: argparse.Namespace) -> None:
         init_ray(verbose=a.verbose)
         out = build_gallery_distributed(
             checkpoint, a.data_path, a.dataset, a.split, a.out, num_workers=a.num_workers,
-            num_gpus=a.num_gpus, dtype=a.dtype, batch_size=a.batch_size, index=_index_spec(a),
-            nprobe=a.nprobe, ef_search=a.ef_search, progress=_log,
+            num_gpus=a.num_gpus, dtype=a.dtype, batch_size=a.batch_size, bf16=a.bf16,
+            index=_index_spec(a), nprobe=a.nprobe, ef_search=a.ef_search, progress=_log,
         )  # fmt: skip
         _log(f"wrote {out}")
         return
     out = build_gallery(
         _checkpoints(a, a.checkpoint), a.data_path, a.dataset, a.split, a.out, dtype=a.dtype,
-        batch_size=a.batch_size, device=a.device, index=_index_spec(a), nprobe=a.nprobe,
-        ef_search=a.ef_search, progress=_log,
+        batch_size=a.batch_size, device=a.device, bf16=a.bf16, index=_index_spec(a),
+        nprobe=a.nprobe, ef_search=a.ef_search, progress=_log,
     )  # fmt: skip
     _log(f"wrote {out}")
 
@@ -188,13 +192,16 @@ def _search_params(a: argparse.Namespace) -> dict[str, int]:
 
 
 def cmd_serve(a: argparse.Namespace) -> None:
-    from hrem_ray.ray_runtime import init_ray
+    from hrem_ray.ray_runtime import haproxy_env, init_ray, set_env_defaults
     from hrem_ray.serving.api import check_api_key
     from hrem_ray.serving.app import run_service, wait_until_interrupted
     from hrem_ray.serving.service import check_served
 
     if a.num_gpus < 0:
         raise ValueError(f"--num-gpus {a.num_gpus:g}: give 0 (CPU replicas) or a GPU share > 0")
+    if a.haproxy and (a.address or os.environ.get("RAY_ADDRESS")):
+        raise ValueError("--haproxy applies to the Ray that serve starts; on a running cluster "
+                         "set it in ray start's environment (docs/serving.md)")  # fmt: skip
     api_key = a.api_key or os.environ.get("HREM_API_KEY")
     if api_key:
         check_api_key(api_key)  # before the minutes of starting Ray
@@ -205,11 +212,13 @@ def cmd_serve(a: argparse.Namespace) -> None:
         from hrem_ray.tracking import URI_ENV
 
         os.environ[URI_ENV] = a.tracking_uri  # the replicas' registry, on this machine's Ray
+    if a.haproxy:
+        set_env_defaults(haproxy_env())  # before Ray starts: every Serve process reads it
     init_ray(a.address, verbose=a.verbose)
     url = run_service(
         a.checkpoint, a.gallery, host=a.host, port=a.port,
-        api_key=api_key, max_replicas=a.max_replicas, check=False,
-        search_params=_search_params(a), num_gpus=a.num_gpus,
+        api_key=api_key, min_replicas=a.min_replicas, max_replicas=a.max_replicas, check=False,
+        search_params=_search_params(a), num_gpus=a.num_gpus, bf16=a.bf16,
     )  # fmt: skip
     _log(f"serving on {url} (search page at {url}/, API docs at {url}/docs); Ctrl-C stops")
     try:
@@ -235,7 +244,10 @@ def cmd_train(a: argparse.Namespace) -> None:
     uri = _tracking_uri(a)
     if a.local:
         from hrem_ray import storage
+        from hrem_ray.devices import check_device
         from hrem_ray.train.local import train_local
+
+        check_device(a.device)
 
         run = storage.join(a.storage_path, a.name)
         best = train_local(cfg, run, resume=a.resume, device=a.device, tracking_uri=uri)
@@ -336,11 +348,6 @@ def _add_search_flags(p: argparse.ArgumentParser, default_help: str) -> None:
     )  # fmt: skip
 
 
-def _add_encode_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--batch-size", type=int, default=128, help="rows encoded at a time")
-    p.add_argument("--device", default="cpu")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hrem-ray", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -408,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--images", help=".npy of [n, regions, img_dim] features")
     src.add_argument("--captions", help="text file, one caption per line")
     p.add_argument("--out", required=True, help=".npy of [n, D] float32")
-    _add_encode_flags(p)
+    add_flags(p, EncodeOptions())
     _add_tracking_flag(p)
     p.set_defaults(func=cmd_embed)
 
@@ -422,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_split_flags(p)
     p.add_argument("--fold5", action="store_true", help="also the COCO 5-fold 1K average")
     p.add_argument("--json", help="write the metrics here")
-    _add_encode_flags(p)
+    add_flags(p, EncodeOptions())
     _add_tracking_flag(p)
     p.set_defaults(func=cmd_eval)
 
@@ -434,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_split_flags(p)
     p.add_argument("--out", required=True, help="gallery folder")
     p.add_argument("--dtype", choices=FEATURE_DTYPES, default=FEATURE_DTYPES[0])
-    _add_encode_flags(p)
+    add_flags(p, EncodeOptions())
     p.add_argument(
         "--index", metavar="SPEC",
         help=f"FAISS index of each side, a factory string: {SPEC_HELP} (needs "
@@ -464,11 +471,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", help="require this x-api-key header (or set HREM_API_KEY)")
     p.add_argument("--max-replicas", type=int, default=2)
+    add_flags(p, FailoverOptions())
     p.add_argument(
         "--num-gpus", type=float, default=0.0,
         help="GPU share per replica (0.5: two replicas a card); 0, the default: CPU replicas",
     )  # fmt: skip
     _add_search_flags(p, "; default: the gallery's")
+    add_flags(p, EncodeOptions(), skip=("batch_size", "device"))
     p.add_argument("--address", help=ADDRESS_HELP)
     p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     _add_tracking_flag(p)

@@ -61,12 +61,14 @@ def embed_features(
     *,
     batch_size: int = 128,
     device: torch.device | str = "cpu",
+    bf16: bool = False,
     progress: ProgressFn = None,
 ) -> np.ndarray:
     """[n, regions, img_dim] region features -> [n, D] float32 L2-normalised, input order."""
     check_batch_size(batch_size)
     check_features(feats, model.cfg.img_dim)
-    return _encode_images(model, feats, len(feats), batch_size, device, progress, "embed images")
+    return _encode_images(model, feats, len(feats), batch_size, device, bf16, progress,
+                          "embed images")  # fmt: skip
 
 
 def embed_captions(
@@ -76,12 +78,13 @@ def embed_captions(
     *,
     batch_size: int = 128,
     device: torch.device | str = "cpu",
+    bf16: bool = False,
     progress: ProgressFn = None,
 ) -> np.ndarray:
     """Captions -> [n, D] float32 L2-normalised, input order (no augmentation)."""
     check_batch_size(batch_size)
     check_captions(captions)
-    return _encode_captions(model, tokenizer, captions, batch_size, device, progress,
+    return _encode_captions(model, tokenizer, captions, batch_size, device, bf16, progress,
                             "embed captions")  # fmt: skip
 
 
@@ -92,6 +95,7 @@ def embed_split(
     *,
     batch_size: int = 128,
     device: torch.device | str = "cpu",
+    bf16: bool = False,
     progress: ProgressFn = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Every unique image and every caption of a split, each encoded once, in id order."""
@@ -102,10 +106,10 @@ def embed_split(
             f"{split.ims_path}: features have dimension {dim} but the model expects "
             f"img_dim={model.cfg.img_dim}"
         )
-    imgs = _encode_images(model, split, split.n_images, batch_size, device, progress,
+    imgs = _encode_images(model, split, split.n_images, batch_size, device, bf16, progress,
                           "encode images")  # fmt: skip
-    caps = _encode_captions(model, tokenizer, split.captions, batch_size, device, progress,
-                            "encode captions")  # fmt: skip
+    caps = _encode_captions(model, tokenizer, split.captions, batch_size, device, bf16,
+                            progress, "encode captions")  # fmt: skip
     return imgs, caps
 
 
@@ -115,6 +119,7 @@ def embed_split_each(
     *,
     batch_size: int = 128,
     device: torch.device | str = "cpu",
+    bf16: bool = False,
     progress: ProgressFn = None,
 ) -> Iterator[tuple[Checkpoint, np.ndarray, np.ndarray]]:
     """``embed_split`` of ``split`` by each checkpoint of an ensemble, in order: yields the
@@ -124,7 +129,7 @@ def embed_split_each(
     for path in checkpoints:
         ck = load_checkpoint(path, device=device)
         imgs, caps = embed_split(ck.model, split, ck.tokenizer(), batch_size=batch_size,
-                                 device=device, progress=progress)  # fmt: skip
+                                 device=device, bf16=bf16, progress=progress)  # fmt: skip
         yield ck, imgs, caps
         del ck
 
@@ -166,16 +171,17 @@ def served_model_id(ids: Sequence[str]) -> str:
     return ids[0] if len(ids) == 1 else hashlib.sha256(" ".join(ids).encode()).hexdigest()[:16]
 
 
-def _encode_images(model, source, n, batch_size, device, progress, desc) -> np.ndarray:
+def _encode_images(model, source, n, batch_size, device, bf16, progress, desc) -> np.ndarray:
     with _eval_mode(model):
         return encode(model.embed_images, image_batches(source, batch_size), n,
-                      device=device, progress=progress, desc=desc)  # fmt: skip
+                      device=device, bf16=bf16, progress=progress, desc=desc)  # fmt: skip
 
 
-def _encode_captions(model, tokenizer, captions, batch_size, device, progress, desc):
+def _encode_captions(model, tokenizer, captions, batch_size, device, bf16, progress, desc):
     with _eval_mode(model):
         return encode(model.embed_texts, caption_batches(captions, tokenizer, batch_size),
-                      len(captions), device=device, progress=progress, desc=desc)  # fmt: skip
+                      len(captions), device=device, bf16=bf16, progress=progress,
+                      desc=desc)  # fmt: skip
 
 
 def encode(
@@ -184,6 +190,7 @@ def encode(
     n: int,
     *,
     device: torch.device | str = "cpu",
+    bf16: bool = False,
     progress: ProgressFn = None,
     desc: str = "encode",
 ) -> np.ndarray:
@@ -191,14 +198,17 @@ def encode(
 
     Rows are placed by id, so the result is in id order whatever order (or sharding) the
     batches came in; every id in ``[0, n)`` must be seen exactly once, since a gap or duplicate
-    would silently shift the ground truth the metrics rely on.
+    would silently shift the ground truth the metrics rely on. ``bf16``: under bf16 autocast
+    (on any device, CPU included), as training's ``train.bf16``; the weights stay float32 and
+    the embeddings come back float32.
     """
     if n <= 0:
         raise ValueError(f"n must be positive, got {n}")
     out: np.ndarray | None = None
     seen = np.zeros(n, dtype=np.int64)
     bar = Progress(desc, n, progress)
-    with torch.inference_mode():
+    autocast = torch.autocast(torch.device(device).type, torch.bfloat16, enabled=bf16)
+    with torch.inference_mode(), autocast:
         for ids, x, lengths in batches:
             ids = np.asarray(ids, dtype=np.int64).reshape(-1)
             emb = embed_fn(x.to(device), lengths.to(device)).float().cpu().numpy()

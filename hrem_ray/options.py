@@ -52,7 +52,8 @@ class RayRunOptions:
     resume: bool = option(False, "continue the run (the sweep) named --name")
     tracking_uri: str | None = option(
         None, "MLflow tracking server (default: $MLFLOW_TRACKING_URI, else the store "
-        "<storage-path>/mlflow.db, or ~/.hrem-ray/mlflow.db for s3:// runs; docs/tracking.md)",
+        "<storage-path>/mlflow.db, or $HREM_RAY_HOME (~/.hrem-ray)/mlflow.db for s3:// runs; "
+        "docs/tracking.md)",
     )  # fmt: skip
     no_tracking: bool = option(False, "do not track the run (the sweep) in MLflow")
 
@@ -78,6 +79,31 @@ class SweepOptions:
         "<storage-path>/<name>/ensemble (K >= 2)", metavar="K",
     )  # fmt: skip
     verbose: bool = False  # Tune's own status tables (the command's --verbose)
+
+
+@dataclass
+class EncodeOptions:
+    """How ``eval``, ``index`` and ``embed`` run the towers (``serve`` takes ``bf16``; a
+    replica's device is its GPU, if given one). bf16 is autocast, as ``train.bf16``."""
+
+    batch_size: int = option(128, "rows encoded at a time")
+    device: str = option("cpu", "torch device of the model: cpu, cuda or cuda:N")
+    bf16: bool = option(
+        False, "encode under bf16 autocast (recall drift vs float32: docs/serving.md)"
+    )
+
+
+@dataclass
+class FailoverOptions:
+    """How ``serve`` rides out a replica that dies (docs/serving.md, "A replica that dies")."""
+
+    min_replicas: int = option(
+        1, "replicas kept however idle; 2 or more: a live replica takes over from a dead one"
+    )
+    haproxy: bool = option(
+        False, "HAProxy in place of Serve's proxy: a request whose replica died is sent to "
+        "another one (only on the Ray that serve starts; a running cluster: ray start's env)",
+    )  # fmt: skip
 
 
 # Run options a sweep's command does not offer: each trial's run keeps their defaults.

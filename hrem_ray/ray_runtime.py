@@ -30,6 +30,23 @@ OFFLINE_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
 }
 ENV_DEFAULTS = {**RAY_ENV_DEFAULTS, **OFFLINE_ENV}
+# ``hrem-ray serve --haproxy`` (docs/serving.md, "A replica that dies"): HAProxy forwards each
+# request straight to a replica's own HTTP port, in place of Serve's proxy, and sends a request
+# whose replica died before answering (connection refused, or closed with no answer) to another
+# replica. Every route is a read, so a replay is safe. Serve reads these as each of its
+# processes starts: they must be in the environment of the process that starts Ray.
+HAPROXY_ENV = {
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response",
+    "RAY_SERVE_HAPROXY_RETRIES": "3",
+}
+# HAProxy mode's own listeners, by default fixed ports (8404, 9101, 8500) that a second service
+# or test cluster on the machine would collide with; a Ray started here takes free ones.
+HAPROXY_PORT_VARS = (
+    "RAY_SERVE_HAPROXY_STATS_PORT",
+    "RAY_SERVE_HAPROXY_METRICS_PORT",
+    "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
+)
 
 
 def set_env_defaults(env: dict[str, str] = ENV_DEFAULTS) -> None:
@@ -43,6 +60,12 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def haproxy_env() -> dict[str, str]:
+    """``HAPROXY_ENV`` and a free port for each of ``HAPROXY_PORT_VARS``: the environment a
+    Ray started for ``serve --haproxy`` needs (``set_env_defaults`` keeps the user's)."""
+    return {**HAPROXY_ENV, **{var: str(free_port()) for var in HAPROXY_PORT_VARS}}
 
 
 def init_ray(address: str | None = None, *, verbose: bool = False, **init_kwargs: Any) -> None:

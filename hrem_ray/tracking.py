@@ -3,9 +3,9 @@
 Every call is made by a driver process (``hrem-ray train``, ``tune``, ``jobs/*.py``), never
 by a Ray worker: rank 0 sends its live figures to the driver through the run's
 ``LineRelay``, so the store only has to be reachable from the driver. With no tracking URI
-the store is an SQLite file beside the runs (``<storage-path>/mlflow.db``, or
-``~/.hrem-ray/mlflow.db`` for runs in object storage), which needs no server. MLflow is
-imported lazily: the command line starts without it.
+the store is an SQLite file beside the runs (``<storage-path>/mlflow.db``; for runs in object
+storage, ``$HREM_RAY_HOME/mlflow.db``, by default ``~/.hrem-ray/``), which needs no server.
+MLflow is imported lazily: the command line starts without it.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ EXPERIMENT = "hrem"  # the default experiment of runs and sweeps
 RUN_FILE = "mlflow_run.json"  # <run>/: the tracking URI and run id a resumed run reattaches to
 STORE_FILE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
-HOME_STORE = Path("~/.hrem-ray")  # the embedded store of runs kept in object storage
+# The folder of the embedded store of runs kept in object storage: $HREM_RAY_HOME, else this.
+HOME_ENV, HOME_DEFAULT = "HREM_RAY_HOME", "~/.hrem-ray"
 # Switches MLflow reads: no usage telemetry, no progress bars on artifact uploads.
 QUIET_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",
              "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}  # fmt: skip
@@ -52,12 +53,14 @@ def quiet() -> None:
 def resolve_uri(uri: str | None, storage_path: str) -> str:
     """The tracking URI: ``uri``, else ``$MLFLOW_TRACKING_URI``, else the embedded store
     beside the runs (a local ``storage_path``), or, for runs in object storage, where SQLite
-    cannot live, in the driver's ``~/.hrem-ray/`` (never the current folder: under
-    ``ray job submit`` that is the job's unpacked working dir, which Ray may delete)."""
+    cannot live, in the driver's ``$HREM_RAY_HOME`` or ``~/.hrem-ray/`` (never the current
+    folder: under ``ray job submit`` that is the job's unpacked working dir, which Ray may
+    delete)."""
     uri = uri or os.environ.get(URI_ENV)
     if uri:
         return uri
-    root = HOME_STORE if storage.is_remote(storage_path) else Path(storage_path)
+    home = os.environ.get(HOME_ENV) or HOME_DEFAULT
+    root = Path(home) if storage.is_remote(storage_path) else Path(storage_path)
     return f"sqlite:///{(root.expanduser() / STORE_FILE).resolve()}"
 
 

@@ -102,6 +102,8 @@ class Cluster:
             "--dashboard-port", str(self.dashboard), "--temp-dir", str(self.temp_dir),
             "--disable-usage-stats",
         ])  # fmt: skip
+        # a worker started before the head is in the GCS gives up after about 40 s (loaded CI)
+        self._wait_nodes(alive_workers=0)
         self.start_worker()
         return {
             "gcs": self.gcs,
@@ -136,6 +138,7 @@ class Cluster:
         return [" ".join(p.cmdline()[:3]) for p in alive(node)]
 
     def _wait_nodes(self, alive_workers: int) -> None:
+        """Until the head node and ``alive_workers`` worker nodes are ALIVE."""
         url = f"http://127.0.0.1:{self.dashboard}/api/v0/nodes?limit=100"
         headers = {"Authorization": f"Bearer {self.token.read_text().strip()}"}
         deadline = time.monotonic() + START_TIMEOUT
@@ -153,12 +156,13 @@ class Cluster:
                     n for n in nodes
                     if n["state"] == "ALIVE" and n["resources_total"].get("CPU", 0) > 0
                 ]  # fmt: skip
-                if len(workers) == alive_workers:
+                head = any(n["state"] == "ALIVE" and n["is_head_node"] for n in nodes)
+                if head and len(workers) == alive_workers:
                     return
             except (OSError, KeyError, ValueError):
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"no {alive_workers} alive worker node(s) after start")
+                raise RuntimeError(f"no head and {alive_workers} alive worker node(s) after start")
             time.sleep(1)
 
     def spawn(self, name: str, argv: list[str], env: dict | None = None) -> None:

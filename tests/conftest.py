@@ -45,6 +45,17 @@ def small_cfg(tiny_bert) -> ModelConfig:
 S3_BUCKET = "hrem-test"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _tracking_home(tmp_path_factory):
+    """The embedded store of runs kept in S3 (``$HREM_RAY_HOME``) in a temporary folder, not
+    the user's ``~/.hrem-ray``; subprocesses and Ray's workers inherit it."""
+    from hrem_ray.tracking import HOME_ENV
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(HOME_ENV, str(tmp_path_factory.mktemp("hrem-home")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """A moto S3 server with bucket ``S3_BUCKET``, reached through the standard AWS

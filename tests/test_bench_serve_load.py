@@ -3,6 +3,7 @@ one-hop vs two-hop table, and the image query bodies of each encoding (no Ray: t
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -11,6 +12,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -114,6 +116,30 @@ def test_image_query_bodies_carry_the_same_features():
     assert np.array_equal(decoded, feats) and np.array_equal(npy, feats)
     assert bodies["npy"][:2] == (f"/search/image?k={sl.K}", "application/x-npy")
     assert len(bodies["npy"][2]) == 128 + 4 * 100 * 2048  # the documented .npy size
+
+
+def test_handle_client_awaits_on_its_own_event_loop(monkeypatch):
+    """Under RAY_SERVE_THROUGHPUT_OPTIMIZED a handle's router runs on the caller's event loop
+    and ``.remote()`` from a thread without one raises: the client calls it on ``EventLoop``."""
+    from ray import serve
+
+    queries: list[str] = []
+
+    class SearchText:
+        def remote(self, query: str, k: int):
+            asyncio.get_running_loop()  # RuntimeError without one, as such a handle raises
+            queries.append(query)
+            return asyncio.sleep(0)
+
+    handle = SimpleNamespace(search_text=SearchText())
+    monkeypatch.setattr(serve, "get_deployment_handle", lambda *_, **__: handle)
+    loop = sl.EventLoop()
+    try:
+        client = sl.through_handle(["a", "b"], loop.loop)
+        assert sl.measure([client], 0.2, max_requests=4, warmup_s=0)["errors"] == 0
+    finally:
+        loop.close()
+    assert queries == ["a", "b", "a", "b"]
 
 
 def test_runs_as_a_script_without_path_edits():

@@ -4,21 +4,28 @@ One GPU cannot hold two NCCL ranks, so the gathered, globally normalised and sha
 distributed training are tested on CPU with gloo (tests/test_distributed.py); here is what
 one GPU can check: a training step against the CPU in float64, bf16 drift, the step where
 the relation module switches on, the CUDA generator and RNG on resume, pinned copies, fused
-AdamW and compile.
+AdamW and compile; evaluation, embedding and a 1-worker Ray Train run on the GPU.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from hrem_ray.checkpoint import read_record
+from hrem_ray.cli import main
 from hrem_ray.config import HREMConfig, ModelConfig
 from hrem_ray.data.batches import Batch
+from hrem_ray.eval.metrics import placed
 from hrem_ray.model import build_model, hrem_loss
+from hrem_ray.synth import write_synthetic
+from hrem_ray.testing import TINY_MODEL, tiny_data_and_checkpoint
 from hrem_ray.train.loop import (
     TrainState,
     apply_train_keys,
@@ -163,3 +170,60 @@ def test_speed_keys_on_cuda_equal_the_plain_step(small_cfg, keys):
         return {"loss": parts["loss"], "grads": grads, "weights": weights}
 
     assert_same(step(**keys), step(), dict(rtol=1e-4, atol=1e-5))
+
+
+# -- evaluation, embedding and a Ray Train run on the GPU ------------------------------------
+
+
+def _eval_json(tmp_path, ckpt, data, name: str, *flags: str) -> dict:
+    out = tmp_path / f"{name}.json"
+    main(["eval", "--checkpoint", str(ckpt), "--data-path", str(data), "--dataset", "f30k",
+          "--split", "test", "--json", str(out), *flags])  # fmt: skip
+    return json.loads(out.read_text())
+
+
+def test_eval_and_embed_on_cuda_equal_the_cpu(tmp_path, tiny_bert):
+    """The towers and the ranking run on cuda:0 (``metrics.placed``): the same metrics as the
+    CPU's numpy ranking, and embeddings equal to float tolerance; bf16 too."""
+    data, ckpt = tiny_data_and_checkpoint(tmp_path, tiny_bert)
+    assert isinstance(placed(np.zeros((1, 5), np.float32), CUDA), torch.Tensor)
+    for flags in ([], ["--bf16"]):
+        cpu = _eval_json(tmp_path, ckpt, data, "cpu", *flags)
+        gpu = _eval_json(tmp_path, ckpt, data, "gpu", "--device", "cuda:0", *flags)
+        if not flags:  # bf16 kernels differ between devices; float32 ones agree
+            assert gpu == cpu
+        assert gpu["n_captions"] == cpu["n_captions"]
+    captions = tmp_path / "c.txt"
+    captions.write_text("a dog runs\ntwo people\n")
+    for device in ("cpu", "cuda:0"):
+        main(["embed", "--checkpoint", str(ckpt), "--captions", str(captions), "--device",
+              device, "--out", str(tmp_path / f"{device}.npy")])  # fmt: skip
+    np.testing.assert_allclose(np.load(tmp_path / "cuda:0.npy"), np.load(tmp_path / "cpu.npy"),
+                               atol=1e-4)  # fmt: skip
+
+
+def test_ray_train_one_gpu_worker_trains_and_evaluates(tmp_path, tiny_bert):
+    """``hrem-ray train --use-gpu`` with one worker (NCCL, one rank): dev evaluation ranks
+    on the worker's GPU each epoch, and the best checkpoint evaluates on cuda as on the CPU."""
+    import ray
+
+    from hrem_ray.ray_runtime import init_ray
+
+    data = tmp_path / "data"
+    write_synthetic(data, train_images=40, dev_images=10, test_images=10, regions=6, dim=24,
+                    progress=None)  # fmt: skip
+    if ray.is_initialized():
+        ray.shutdown()
+    init_ray(num_cpus=2)
+    try:
+        main(["train", "--data-path", str(data), "--dataset", "f30k", "--bert-path", tiny_bert,
+              "--epochs", "2", "--batch-size", "16", "--num-workers", "1", "--use-gpu",
+              "--storage-path", str(tmp_path / "runs"), "--name", "gpu", "--no-tracking",
+              *TINY_MODEL, "--set", "model.warmup=3"])  # fmt: skip
+    finally:
+        ray.shutdown()
+    best = tmp_path / "runs" / "gpu" / "best"  # train_ray's copy of the best checkpoint
+    metrics = read_record(best)["meta"]["metrics"]
+    assert np.isfinite(metrics["rsum"]) and metrics["epoch"] in (0, 1)
+    cpu = _eval_json(tmp_path, best, data, "cpu")
+    assert _eval_json(tmp_path, best, data, "gpu", "--device", "cuda") == cpu

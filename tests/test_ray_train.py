@@ -22,7 +22,6 @@ import struct
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -40,6 +39,7 @@ from hrem_ray.ray_runtime import ENV_DEFAULTS
 from hrem_ray.synth import write_synthetic
 from hrem_ray.testing import TINY_SETS, alive, is_loopback, wait_until_up
 from hrem_ray.train.ray_train import train_ray
+from tests.helpers import WorkerKiller
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's ray / hrem-ray
@@ -359,61 +359,6 @@ def test_cli_train_eval_refuse_and_resume(
     assert state["iteration"] == 3 * steps_per_epoch
 
 
-class _KillOneWorker(threading.Thread):
-    """Once the run has registered its first checkpoint, SIGKILL one Ray Train worker
-    process, then wait for a new worker group.
-
-    Only descendants of this pytest process are candidates: the in-process Ray's raylet is
-    our child and the workers are its children, so no other cluster on the machine is hit.
-    """
-
-    def __init__(self, run: Path, timeout: float = 280.0):
-        super().__init__(daemon=True)
-        self.run_dir, self.timeout = run, timeout
-        self.killed: int | None = None
-        self.first_group: set[int] = set()
-        self.second_group: set[int] = set()
-        self.error: BaseException | None = None
-
-    @staticmethod
-    def _workers() -> list[psutil.Process]:
-        workers = []
-        for p in psutil.Process().children(recursive=True):
-            try:
-                if "RayTrainWorker" in " ".join(p.cmdline()):
-                    workers.append(p)
-            except psutil.Error:
-                pass
-        return workers
-
-    def run(self) -> None:
-        try:
-            self._run()
-        except BaseException as e:  # surfaced by the test
-            self.error = e
-
-    def _run(self) -> None:
-        deadline = time.monotonic() + self.timeout
-        # written by Ray's checkpoint manager once a reported checkpoint is registered
-        snapshot = self.run_dir / "checkpoint_manager_snapshot.json"
-        while not snapshot.exists():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"no registered checkpoint in {self.run_dir}")
-            time.sleep(0.1)
-        workers = self._workers()
-        assert len(workers) == WORKERS, workers
-        self.first_group = {p.pid for p in workers}
-        victim = max(workers, key=lambda p: p.pid)
-        victim.kill()
-        self.killed = victim.pid
-        while time.monotonic() < deadline:
-            self.second_group = {p.pid for p in self._workers()} - self.first_group
-            if len(self.second_group) == WORKERS:
-                return
-            time.sleep(0.2)
-        raise TimeoutError("no new worker group after the kill")
-
-
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.timeout(360)
@@ -431,16 +376,17 @@ def test_killed_worker_resumes_from_checkpoint(
         cpus_per_worker=0.5, max_failures=1, keep_checkpoints=10,
     )  # fmt: skip
     run = tmp_path / "runs" / "ft"
-    killer = _KillOneWorker(run)
+    # written by Ray's checkpoint manager once a reported checkpoint is registered
+    killer = WorkerKiller((run / "checkpoint_manager_snapshot.json").exists, WORKERS)
     killer.start()
     lines: list[str] = []
     best = train_ray(cfg, options, log=lines.append)
-    killer.join(timeout=30)
+    killer.stop()
     _wait_cpus_released()
 
     assert killer.error is None, killer.error
     assert killer.killed is not None and not psutil.pid_exists(killer.killed)
-    assert len(killer.second_group) == WORKERS  # the whole group was restarted
+    assert len(killer.groups) == 2  # the whole group was restarted, once
 
     load_checkpoint(best)
     # keep_checkpoints=10: a restart from scratch would have left a second epoch-0 folder

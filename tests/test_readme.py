@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 PAGES = {p.relative_to(ROOT).as_posix(): p.read_text() for p in [ROOT / "README.md",
          *sorted((ROOT / "docs").glob("*.md"))]}  # fmt: skip
-JOBS = {"jobs/train.py": "train", "jobs/tune.py": "tune"}
+JOBS = {"jobs/train.py": "train", "jobs/tune.py": "tune", "jobs/index.py": "index"}
 
 
 def blocks(lang: str, text: str = README) -> list[str]:

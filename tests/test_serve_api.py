@@ -911,3 +911,12 @@ def test_cli_refuses_a_non_ascii_key_before_starting_anything(capsys):
     line = run_err(capsys, "serve", "--checkpoint", "nowhere", "--gallery", "nowhere",
                    "--api-key", "clé")  # fmt: skip
     assert "visible ASCII" in line
+
+
+def test_cli_refuses_haproxy_on_a_running_cluster_before_starting_anything(capsys):
+    """HAProxy mode is the environment Ray starts with: a running cluster has its own."""
+    from tests.helpers import run_err
+
+    line = run_err(capsys, "serve", "--checkpoint", "nowhere", "--gallery", "nowhere",
+                   "--haproxy", "--address", "127.0.0.1:6379")  # fmt: skip
+    assert "--haproxy applies to the Ray that serve starts" in line

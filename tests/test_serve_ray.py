@@ -1,26 +1,26 @@
 """The real Ray Serve app (``run_service``) over HTTP on 127.0.0.1: answers equal the
-in-process API's, bad requests keep their clean 4xx, concurrent text queries are batched, a
-new checkpoint/gallery is swapped in under load without a failed request, and a killed
-Retriever replica is replaced while a request stream keeps going.
+in-process API's, bad requests keep their clean 4xx, concurrent text queries are batched, and
+a new checkpoint/gallery is swapped in under load without a failed request (a killed replica:
+tests/test_serve_failover.py).
 
-One ``ray.init(address="local", num_cpus=2)`` cluster of its own (dashboard on a free
-loopback port, for ``ray.util.state.list_actors``), one replica of the one deployment
-(docs/serving.md; a second replica adds nothing on 2 cores). ``serve.run`` again
-restarts the replicas (imperative deploys get a new code version); the swap loses no request
-only because the deployments surge (``max_surge_percent``): the old replicas serve until the
-new ones are ready.
+One ``ray.init(address="local", num_cpus=2)`` cluster of its own (``serving``; dashboard on
+a free loopback port, for the failover test's ``ray.util.state.list_actors``), one replica
+of the one deployment (docs/serving.md; a second replica adds nothing on 2 cores).
+``serve.run`` again restarts the replicas (imperative deploys get a new code version); the
+swap loses no request only because the deployments surge (``max_surge_percent``): the old
+replicas serve until the new ones are ready.
 
 Measured on the 2-core machine, lightly / heavily loaded by other jobs: ``ray.init`` 14 / 29 s,
-app ready 35 / 95 s after it started, redeploy 21 / 27 s, a killed replica back in 14 / 45 s;
-the whole file 95 / 190 s.
+app ready 35 / 95 s after it started, redeploy 21 / 27 s; the whole file 95 / 190 s.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-import signal
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -43,12 +43,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(240)]
 
 IMG_DIM = 24
 APP = "hrem"
-RETRIEVER_CLASS = f"ServeReplica:{APP}:Retriever"
 REQUEST_TIMEOUT_S = 10  # every HTTP request of these tests gives up after this
-# A killed replica is back in 10-20 s on a quiet machine; other engineers' jobs share these
-# 2 cores, and under their load it has taken 45 s (a restart loads the model twice: the init
-# args, then the user_config checkpoint).
-RECOVERY_S = 90
 SCORE_TOL = 1e-4  # batched vs single forward passes differ in the last float32 bits
 JSON = {"content-type": "application/json"}
 
@@ -106,30 +101,51 @@ def local(world) -> dict[str, TestClient]:
 
 
 @pytest.fixture(scope="module")
-def cluster(world) -> dict[str, Any]:
+def cluster(world) -> Iterator[dict[str, Any]]:
+    with serving(world, max_replicas=1) as c:
+        yield c
+
+
+@contextlib.contextmanager
+def serving(world, env: dict[str, str] | None = None, **service: Any) -> Iterator[dict[str, Any]]:
+    """A local Ray of our own, ``env`` in the environment it starts with (every Ray process
+    inherits it), serving ckpt1 and gallery1 (``run_service(**service)``): {url, gcs}."""
     start = time.perf_counter()
-    ctx = ray.init(
-        address="local",  # our own cluster, never another engineer's
-        num_cpus=2,
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        dashboard_port=free_port(),
-        log_to_driver=False,
-    )
+    with patched_env(env or {}):
+        ctx = ray.init(
+            address="local",  # our own cluster, never another engineer's
+            num_cpus=2,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=free_port(),
+            log_to_driver=False,
+        )
     try:
         init_s = time.perf_counter() - start
         url = run_service(
-            str(world["ckpt1"]),
-            str(world["gallery1"]),
-            host="127.0.0.1",
-            port=free_port(),
-            max_replicas=1,
-        )
+            str(world["ckpt1"]), str(world["gallery1"]), host="127.0.0.1", port=free_port(),
+            **service,
+        )  # fmt: skip
         print(f"\nray.init {init_s:.1f} s, app ready {time.perf_counter() - start:.1f} s")
         yield {"url": url, "gcs": ctx.address_info["gcs_address"]}
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+@contextlib.contextmanager
+def patched_env(env: dict[str, str]) -> Iterator[None]:
+    """``env`` set in os.environ, and the old values back afterwards."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def session() -> requests.Session:
@@ -187,18 +203,6 @@ def current_checkpoint(cluster, local) -> str:
     model_id = get(cluster, "/readyz").json()["model_id"]
     (name,) = [k for k, c in local.items() if c.get("/readyz").json()["model_id"] == model_id]
     return name
-
-
-def retriever_pids(cluster) -> list[int]:
-    from ray.util.state import list_actors
-
-    actors = list_actors(
-        address=cluster["gcs"],
-        filters=[("class_name", "=", RETRIEVER_CLASS), ("state", "=", "ALIVE")],
-        detail=True,
-        raise_on_missing_output=False,
-    )
-    return [a.pid for a in actors]
 
 
 def features(i: int) -> list[list[float]]:
@@ -340,13 +344,16 @@ def test_a_list_of_text_queries_is_one_model_batch(cluster, local):
 
 
 class Stream:
-    """Requests from a background thread, each with a timeout, until stopped."""
+    """Requests from ``threads`` background threads (each its own connection), each request
+    with a timeout, until stopped."""
 
-    def __init__(self, cluster, bodies: list[tuple[str, dict]], pause_s: float = 0.05):
+    def __init__(
+        self, cluster, bodies: list[tuple[str, dict]], pause_s: float = 0.05, threads: int = 1
+    ):
         self.cluster, self.bodies, self.pause_s = cluster, bodies, pause_s
-        self.log: list[dict[str, Any]] = []
+        self.log: list[dict[str, Any]] = []  # list.append is atomic: the threads share it
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
 
     def _run(self) -> None:
         s, i = session(), 0
@@ -357,6 +364,7 @@ class Stream:
             try:
                 r = post(self.cluster, path, body, s=s)
                 entry.update(status=r.status_code, json=_json(r))
+                entry["retry_after"] = r.headers.get("retry-after")
             except requests.RequestException as e:  # timeout, reset connection
                 entry.update(status=None, error=f"{type(e).__name__}: {e}"[:200])
             entry["end"] = time.monotonic()
@@ -364,13 +372,15 @@ class Stream:
             self._stop.wait(self.pause_s)
 
     def __enter__(self) -> Stream:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
         return self
 
     def __exit__(self, *_) -> None:
         self._stop.set()
-        self._thread.join(timeout=REQUEST_TIMEOUT_S + 5)
-        assert not self._thread.is_alive()
+        for thread in self._threads:
+            thread.join(timeout=REQUEST_TIMEOUT_S + 5)
+            assert not thread.is_alive()
 
     def wait_for(self, predicate, timeout_s: float) -> dict[str, Any] | None:
         """The first logged entry (from now on) that satisfies ``predicate``."""
@@ -453,44 +463,6 @@ def test_user_config_swap_under_load(cluster, world, local):
 def _is(entry: dict, wants: list[Any]) -> bool:
     i = [b for _, b in STREAM].index(entry["body"])
     return matches(entry, wants[i])
-
-
-def test_killed_replica_is_replaced_under_load(cluster, local):
-    ref = local[current_checkpoint(cluster, local)]
-    want = [answer_of(ref, p, b) for p, b in STREAM]
-    pids = retriever_pids(cluster)
-    assert len(pids) == 1, pids
-    with Stream(cluster, STREAM) as stream:
-        assert stream.wait_for(lambda e: e["status"] == 200, 30), "no answer before the kill"
-        killed_at = time.monotonic()
-        os.kill(pids[0], signal.SIGKILL)
-        recovered = stream.wait_for(
-            lambda e: e["start"] > killed_at and e["status"] == 200 and _is(e, want), RECOVERY_S
-        )
-        assert recovered is not None, f"no successful answer within {RECOVERY_S} s of the kill"
-        recovered_at = recovered["end"]
-        time.sleep(3)  # and it stays up
-    log = stream.log
-    errors = [e for e in log if e["status"] != 200]
-    slowest = max(e["end"] - e["start"] for e in log)
-    print(
-        f"\nkill: recovered {recovered_at - killed_at:.1f} s after SIGKILL; {len(log)} "
-        f"requests, {len(errors)} errors ({[e.get('error') or e['status'] for e in errors]}), "
-        f"slowest {slowest:.1f} s"
-    )
-    # no request outlived its timeout (and the client timeout really fired)
-    assert slowest < REQUEST_TIMEOUT_S + 2
-    # errors only in the restart window, each a timeout/reset or a clean JSON 5xx
-    for e in errors:
-        assert killed_at - 1 <= e["start"] <= recovered_at, e
-        assert e["status"] is None or (e["status"] >= 500 and "error" in e["json"]), e
-    # after recovery every answer is right again
-    after = [e for e in log if e["start"] > recovered_at]
-    assert after and all(e["status"] == 200 and _is(e, want) for e in after)
-    new_pids = retriever_pids(cluster)
-    assert len(new_pids) == 1 and new_pids != pids
-    for path, body in GOOD:
-        assert_same_answer(post(cluster, path, body), ref.post(path, json=body), path)
 
 
 @pytest.mark.timeout(180)

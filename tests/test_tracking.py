@@ -4,6 +4,8 @@ unreachable server as a one-line error before Ray starts."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from mlflow import MlflowClient
 from ray.tune.experiment import Experiment
@@ -65,6 +67,20 @@ def test_no_tracking_leaves_no_store(small_cfg, synth_root, tmp_path):
     train_local(run_cfg(small_cfg, synth_root, 1), tmp_path / "run", log=lambda *_: None)
     assert not (tmp_path / tracking.STORE_FILE).exists()
     assert not (tmp_path / "run" / tracking.RUN_FILE).exists()
+
+
+def test_the_store_of_runs_in_object_storage_is_in_hrem_ray_home(monkeypatch, tmp_path):
+    """SQLite cannot live in a bucket: the driver's $HREM_RAY_HOME, else ~/.hrem-ray."""
+    monkeypatch.delenv(tracking.URI_ENV, raising=False)
+    monkeypatch.setenv(tracking.HOME_ENV, str(tmp_path / "home"))
+    assert tracking.resolve_uri(None, "s3://b/runs") == f"sqlite:///{tmp_path}/home/mlflow.db"
+    monkeypatch.delenv(tracking.HOME_ENV)
+    home = Path("~/.hrem-ray/mlflow.db").expanduser()
+    assert tracking.resolve_uri(None, "s3://b/runs") == f"sqlite:///{home}"
+    assert tracking.resolve_uri(None, str(tmp_path)) == f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv(tracking.URI_ENV, "http://127.0.0.1:5000")
+    assert tracking.resolve_uri(None, "s3://b/runs") == "http://127.0.0.1:5000"
+    assert tracking.resolve_uri("http://h:1", "s3://b/runs") == "http://h:1"
 
 
 def draws(space_file: str, seed: int | None, n: int = 4) -> list[dict]:

@@ -5,11 +5,15 @@ directions are counted in one pass over cache-sized row chunks: no per-query loo
 temporaries of about ``CHUNK_ELEMENTS`` bytes whatever the matrix size. With distinct scores
 this equals the usual "0-based position in the descending argsort". Ties with the ground truth
 are resolved in its favour (optimistic); with float scores they are measure-zero.
+
+A matrix given as a torch tensor is ranked on the tensor's device with the same counts (a GPU
+ranks COCO's 5K x 25K while the model that made it waits there); a numpy one on the CPU.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from hrem_ray.data.precomp import CAPTIONS_PER_IMAGE
 
@@ -17,20 +21,39 @@ RECALL_KS = (1, 5, 10)
 N_FOLDS = 5
 # Cells per row chunk: small enough that a chunk is still in cache for its second comparison.
 CHUNK_ELEMENTS = 1 << 18
+# Cells per row chunk of a tensor: its boolean comparisons take 64 MiB of device memory.
+DEVICE_CHUNK_ELEMENTS = 1 << 26
+
+Sims = np.ndarray | torch.Tensor
 
 
-def similarity(img_embs: np.ndarray, cap_embs: np.ndarray) -> np.ndarray:
-    """Image-caption scores ``[n_images, n_captions]``: dot products of normalised embeddings."""
+def similarity(
+    img_embs: np.ndarray, cap_embs: np.ndarray, device: torch.device | str = "cpu"
+) -> Sims:
+    """Image-caption scores ``[n_images, n_captions]``: dot products of normalised embeddings,
+    made where they are to be ranked (``placed``)."""
     img = np.asarray(img_embs, dtype=np.float32)
     cap = np.asarray(cap_embs, dtype=np.float32)
     if img.ndim != 2 or cap.ndim != 2 or img.shape[1] != cap.shape[1]:
         raise ValueError(f"embedding shapes {img.shape} and {cap.shape} are incompatible")
-    return img @ cap.T
+    if torch.device(device).type == "cpu":
+        return img @ cap.T
+    return placed(img, device) @ placed(cap, device).T
 
 
-def _check_sims(sims: np.ndarray) -> np.ndarray:
+def placed(sims: np.ndarray, device: torch.device | str) -> Sims:
+    """A float32 matrix where it is ranked: numpy for the CPU (the cache-chunked path), a
+    tensor on any other device."""
+    sims = np.asarray(sims, dtype=np.float32)
+    if torch.device(device).type == "cpu":
+        return sims
+    return torch.from_numpy(np.array(sims)).to(device)  # a copy: a memory map is read-only
+
+
+def _check_sims(sims: Sims) -> Sims:
     """Validate a real ``[n, 5n]`` matrix (finiteness is checked chunk by chunk in ``_ranks``)."""
-    sims = np.asarray(sims)
+    if not isinstance(sims, torch.Tensor):
+        sims = np.asarray(sims)
     if sims.ndim != 2:
         raise ValueError(f"sims must be 2-D [n_images, n_captions], got shape {sims.shape}")
     n_images, n_captions = sims.shape
@@ -41,12 +64,20 @@ def _check_sims(sims: np.ndarray) -> np.ndarray:
             f"sims has {n_captions} captions for {n_images} images; expected "
             f"{CAPTIONS_PER_IMAGE} * {n_images} = {CAPTIONS_PER_IMAGE * n_images}"
         )
-    if not np.issubdtype(sims.dtype, np.number) or np.issubdtype(sims.dtype, np.complexfloating):
+    if not _is_real(sims):
         raise ValueError(f"sims must be real-valued, got dtype {sims.dtype}")
     return sims
 
 
-def i2t_ranks(sims: np.ndarray) -> np.ndarray:
+def _is_real(sims: Sims) -> bool:
+    if isinstance(sims, torch.Tensor):
+        return not (sims.dtype == torch.bool or sims.is_complex())
+    return np.issubdtype(sims.dtype, np.number) and not np.issubdtype(
+        sims.dtype, np.complexfloating
+    )
+
+
+def i2t_ranks(sims: Sims) -> np.ndarray:
     """Rank of each image query: captions scoring strictly above its best own caption.
 
     The best-placed of an image's 5 captions is its highest-scoring one, so the minimum position
@@ -55,13 +86,15 @@ def i2t_ranks(sims: np.ndarray) -> np.ndarray:
     return _ranks(_check_sims(sims))[0]
 
 
-def t2i_ranks(sims: np.ndarray) -> np.ndarray:
+def t2i_ranks(sims: Sims) -> np.ndarray:
     """Rank of each caption query: images scoring strictly above the caption's own image."""
     return _ranks(_check_sims(sims))[1]
 
 
-def _ranks(sims: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _ranks(sims: Sims) -> tuple[np.ndarray, np.ndarray]:
     """``(i2t, t2i)`` ranks from one read of the matrix, each chunk reused while cache-hot."""
+    if isinstance(sims, torch.Tensor):
+        return _device_ranks(sims)
     n_images, n_captions = sims.shape
     captions = np.arange(n_captions)
     caption_truth = sims[captions // CAPTIONS_PER_IMAGE, captions]
@@ -83,6 +116,26 @@ def _ranks(sims: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return i2t, t2i
 
 
+def _device_ranks(sims: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """``_ranks`` on the tensor's device: the same strict comparisons, counted in row chunks
+    of ``DEVICE_CHUNK_ELEMENTS``; the ranks come back to the host, two syncs in all."""
+    n_images, n_captions = sims.shape
+    if not bool(torch.isfinite(sims).all()):
+        raise ValueError("sims contains NaN or infinite values")
+    captions = torch.arange(n_captions, device=sims.device)
+    caption_truth = sims[captions // CAPTIONS_PER_IMAGE, captions]
+    # [image, image, 5]: the diagonal holds each image's own captions
+    own_best = sims.reshape(n_images, n_images, CAPTIONS_PER_IMAGE).diagonal().amax(dim=0)
+    i2t = torch.empty(n_images, dtype=torch.int64, device=sims.device)
+    t2i = torch.zeros(n_captions, dtype=torch.int64, device=sims.device)
+    rows = max(1, DEVICE_CHUNK_ELEMENTS // n_captions)
+    for start in range(0, n_images, rows):
+        chunk, images = sims[start : start + rows], slice(start, start + rows)
+        i2t[images] = (chunk > own_best[images, None]).sum(1)
+        t2i += (chunk > caption_truth).sum(0)
+    return i2t.cpu().numpy(), t2i.cpu().numpy()
+
+
 def _count_true(mask: np.ndarray, axis: int) -> np.ndarray:
     """Count ``True`` along ``axis``, summing in the narrowest type that cannot overflow (fast)."""
     counter = np.min_scalar_type(mask.shape[axis])
@@ -100,12 +153,12 @@ def recall_summary(ranks: np.ndarray) -> dict[str, float]:
     return summary
 
 
-def evaluate_sims(sims: np.ndarray) -> dict:
+def evaluate_sims(sims: Sims) -> dict:
     """Both directions' metrics and rsum (the six recalls summed) for one ``[n, 5n]`` matrix."""
     return _evaluate(_check_sims(sims))
 
 
-def _evaluate(sims: np.ndarray) -> dict:
+def _evaluate(sims: Sims) -> dict:
     i2t, t2i = (recall_summary(ranks) for ranks in _ranks(sims))
     return {
         "i2t": i2t,
@@ -120,7 +173,7 @@ def _rsum(i2t: dict[str, float], t2i: dict[str, float]) -> float:
     return float(sum(d[f"r{k}"] for d in (i2t, t2i) for k in RECALL_KS))
 
 
-def evaluate_fold5(sims: np.ndarray) -> dict:
+def evaluate_fold5(sims: Sims) -> dict:
     """COCO 1K protocol: every metric (rsum too) averaged over 5 consecutive image folds.
 
     Fold k holds images ``[k*f, (k+1)*f)`` and only their own ``5*f`` captions; scores outside

@@ -53,13 +53,15 @@ def batch_rows(n_images: int, n_captions: int, batch_size: int) -> list[dict[str
 class BatchEncoder:
     """One model replica (a Ray Data actor): encodes the batches it is given, as given."""
 
-    def __init__(self, checkpoint: str, data_path: str, dataset: str, split: str, device: str):
+    def __init__(
+        self, checkpoint: str, data_path: str, dataset: str, split: str, device: str, bf16: bool
+    ):
         from hrem_ray.checkpoint import load_checkpoint
 
         self.ck = load_checkpoint(checkpoint, device=device)
         self.tokenizer = self.ck.tokenizer()
         self.source = open_source(data_path, dataset, split)
-        self.device = device
+        self.encode = {"device": device, "bf16": bf16}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         sides, ids, embs = [], [], []
@@ -68,11 +70,11 @@ class BatchEncoder:
             rows = np.arange(start, stop, dtype=np.int64)
             if side == IMAGES:
                 emb = embed_features(self.ck.model, self.source.gather(rows),
-                                     batch_size=len(rows), device=self.device)  # fmt: skip
+                                     batch_size=len(rows), **self.encode)  # fmt: skip
             else:
                 texts = [self.source.captions[i] for i in rows.tolist()]
                 emb = embed_captions(self.ck.model, self.tokenizer, texts,
-                                     batch_size=len(rows), device=self.device)  # fmt: skip
+                                     batch_size=len(rows), **self.encode)  # fmt: skip
             sides.append(np.full(len(rows), side, dtype=np.int8))
             ids.append(rows)
             embs.append(emb)
@@ -100,10 +102,12 @@ def embed_split_distributed(
     num_workers: int | None = None,
     num_gpus: float = 0.0,
     batch_size: int = 128,
+    bf16: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Image and caption embeddings of a split (id order) and its captions, encoded by an
-    actor pool of ``num_workers`` replicas (default: one per CPU) on the running Ray cluster."""
+    actor pool of ``num_workers`` replicas (default: one per CPU) on the running Ray cluster
+    (``bf16``: under bf16 autocast)."""
     import ray
 
     check_batch_size(batch_size)
@@ -125,6 +129,7 @@ def embed_split_distributed(
             dataset,
             split,
             "cuda" if num_gpus > 0 else "cpu",
+            bf16,
         ),  # fmt: skip
         batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=num_workers),
@@ -165,6 +170,7 @@ def build_gallery_distributed(
     num_gpus: float = 0.0,
     dtype: str = "float32",
     batch_size: int = 128,
+    bf16: bool = False,
     progress: Callable[[str], None] | None = None,
     **index_options: Any,
 ) -> Path | str:
@@ -177,7 +183,7 @@ def build_gallery_distributed(
     record = read_record(checkpoint)  # a bad checkpoint fails before Ray starts work
     imgs, caps, texts = embed_split_distributed(
         checkpoint, data_path, dataset, split, num_workers=num_workers, num_gpus=num_gpus,
-        batch_size=batch_size, progress=progress,
+        batch_size=batch_size, bf16=bf16, progress=progress,
     )  # fmt: skip
     meta = {"checkpoint": storage.absolute(checkpoint), "checkpoint_meta": record.get("meta", {}),
             "dataset": dataset, "split": split}  # fmt: skip

@@ -13,6 +13,8 @@ share the page cache instead of each holding a copy. Search is exact (``Flat``) 
 gallery was built with FAISS indexes (``hrem_ray.index.faiss_index``), which trade a recall
 measured at build time, text queries against the image index and image queries against the
 caption index (``manifest["index"]["recall"]``), for memory and speed.
+A replica with a GPU holds an exact gallery there when it fits (``Gallery.search_on``); FAISS
+indexes stay on faiss-cpu.
 A gallery may live at a URI (``s3://...``): it is written with a completeness marker and
 opened from this node's cache (``hrem_ray.storage``, docs/storage.md).
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,11 +37,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 from hrem_ray import storage
 from hrem_ray.checkpoint import read_record
 from hrem_ray.data.precomp import CAPTIONS_PER_IMAGE
 from hrem_ray.data.source import open_precomp
+from hrem_ray.devices import check_device
 from hrem_ray.embed import check_batch_size, embed_split_each, ensemble_embedding, model_id
 from hrem_ray.errors import one_line
 from hrem_ray.index.faiss_index import (
@@ -59,6 +64,10 @@ CAPTIONS = "captions.parquet"
 IMAGE_INDEX = "image.faiss"
 CAPTION_INDEX = "caption.faiss"
 FORMAT = "hrem-ray-gallery"
+# The share of a GPU's free memory that an exact gallery may take there: the rest is for the
+# towers' activations and the other replicas that share the card (serve --num-gpus 0.5).
+GPU_GALLERY_SHARE = 0.5
+log = logging.getLogger(__name__)
 
 
 class GalleryError(ValueError):
@@ -75,6 +84,7 @@ def build_gallery(
     dtype: str = "float32",
     batch_size: int = 128,
     device: str = "cpu",
+    bf16: bool = False,
     index: str = FLAT,
     nprobe: int | None = None,
     ef_search: int | None = None,
@@ -84,11 +94,13 @@ def build_gallery(
     (an ensemble gallery, ``ensemble_embedding`` of theirs in this order); write ``out`` (a
     folder or a URI).
 
-    ``index`` other than Flat also trains FAISS indexes (see ``write_gallery``).
+    ``index`` other than Flat also trains FAISS indexes (see ``write_gallery``). ``device``
+    and ``bf16``: where and how the towers encode.
     """
     checkpoints = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
     if not checkpoints:
         raise ValueError("no checkpoint to build the gallery with")
+    device = check_device(device)
     check_batch_size(batch_size)  # before minutes of loading, not as a range() error
     storage.check_access(out)
     data = open_precomp(data_path, dataset, split)
@@ -97,7 +109,7 @@ def build_gallery(
         read_record(path)
     image_parts, caption_parts, models = [], [], []
     embedded = embed_split_each(checkpoints, data, batch_size=batch_size, device=device,
-                                progress=progress)  # fmt: skip
+                                bf16=bf16, progress=progress)  # fmt: skip
     for path, (ck, imgs, caps) in zip(checkpoints, embedded, strict=True):
         image_parts.append(imgs)
         caption_parts.append(caps)
@@ -281,6 +293,8 @@ class Gallery:
     captions: list[str]
     image_index: FaissIndex | None = None  # set when built with a FAISS --index: searched
     caption_index: FaissIndex | None = None  # instead of exact search
+    # (images, captions) float32 on a device, searched there instead (``search_on``)
+    device_embs: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def open(cls, path: str | Path) -> Gallery:
@@ -387,13 +401,63 @@ class Gallery:
                 index.configured(**now)
         return self.search_params
 
+    def search_on(self, device: torch.device | str) -> torch.device:
+        """Copy an exact gallery's embeddings to ``device`` as float32 and search them there
+        from now on, if they fit in ``GPU_GALLERY_SHARE`` of a GPU's free memory; returns the
+        device that searches. A FAISS index stays on faiss-cpu (the CPU). A GPU replica calls
+        it; on the CPU it is the same search in torch (which tests compare)."""
+        device = torch.device(device)
+        nbytes = 4 * int(self.image_embs.shape[1]) * (self.n_images + self.n_captions)
+        if self.image_index is not None or not _fits(device, nbytes):
+            return torch.device("cpu")
+        self.device_embs = (_to_device(self.image_embs, device),
+                            _to_device(self.caption_embs, device))  # fmt: skip
+        return device
+
     def search_images(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k image ids and scores for each caption embedding (rows of ``queries``)."""
+        if self.device_embs is not None:
+            return device_search(queries, self.device_embs[0], k)
         return search(queries, self.image_embs, self.image_index, k)
 
     def search_captions(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k caption ids and scores for each image embedding."""
+        if self.device_embs is not None:
+            return device_search(queries, self.device_embs[1], k)
         return search(queries, self.caption_embs, self.caption_index, k)
+
+
+def _fits(device: torch.device, nbytes: int) -> bool:
+    """Whether ``nbytes`` take at most ``GPU_GALLERY_SHARE`` of ``device``'s free memory (the
+    CPU: always; a larger gallery stays memory-mapped)."""
+    if device.type != "cuda":
+        return True
+    free = torch.cuda.mem_get_info(device)[0]
+    if nbytes <= GPU_GALLERY_SHARE * free:
+        return True
+    log.warning("gallery of %.0f MiB exceeds %.0f%% of %s's %.0f MiB free: searched on the CPU",
+                nbytes / 2**20, 100 * GPU_GALLERY_SHARE, device, free / 2**20)  # fmt: skip
+    return False
+
+
+def _to_device(embs: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A float32 copy of (memory-mapped) ``embs`` on ``device``, ``SCORE_CHUNK`` rows at a
+    time, so a float16 gallery is never a whole float32 copy on the host."""
+    out = torch.empty(embs.shape, dtype=torch.float32, device=device)
+    for i in range(0, len(embs), SCORE_CHUNK):
+        out[i : i + SCORE_CHUNK] = torch.from_numpy(np.array(embs[i : i + SCORE_CHUNK]))
+    return out
+
+
+def device_search(queries: np.ndarray, embs: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``search``'s exact top-k against ``embs`` on their device: ids and float32 scores,
+    best first, min(k, len(embs)) per query."""
+    k = min(check_k(k), len(embs))
+    q = np.asarray(queries, np.float32)
+    flat = torch.from_numpy(np.array(q.reshape(-1, q.shape[-1]))).to(embs.device)
+    vals, ids = torch.topk(flat @ embs.T, k, dim=-1)
+    shape = (*q.shape[:-1], k)
+    return ids.cpu().numpy().reshape(shape), vals.cpu().numpy().reshape(shape)
 
 
 def _valid_models(models: Any, dim: int) -> bool:

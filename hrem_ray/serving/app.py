@@ -61,8 +61,14 @@ class Retriever(RetrievalService):
     memory-mapped gallery, one hop from Serve's proxy (docs/serving.md: one hop measured
     faster than an ingress deployment in front). Text queries are batched here."""
 
-    def __init__(self, checkpoint: str | list[str], gallery: str, api_key: str | None = None):
-        super().__init__(checkpoint, gallery, device=replica_device())
+    def __init__(
+        self,
+        checkpoint: str | list[str],
+        gallery: str,
+        api_key: str | None = None,
+        bf16: bool = False,
+    ):
+        super().__init__(checkpoint, gallery, device=replica_device(), bf16=bf16)
         self.api_key = api_key or os.environ.get("HREM_API_KEY") or None
         self._configured = False  # until the first reconfigure (see there)
 
@@ -104,20 +110,25 @@ class Retriever(RetrievalService):
 def replica_device() -> str:
     """A replica's torch device: its GPU when Ray gave it one (``num_gpus`` in its
     ``ray_actor_options``; Ray sets ``CUDA_VISIBLE_DEVICES`` to it, so it is ``cuda``), else
-    the CPU, the default."""
+    the CPU, the default. Outside Ray it is the CPU: ``ray.get_gpu_ids()`` would start one."""
+    if not ray.is_initialized():
+        return "cpu"
     return "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
 
 
 def app_builder(args: dict[str, str]) -> serve.Application:
     """``serve run``/``serve deploy`` entry: args ``checkpoint`` (a list for an ensemble),
-    ``gallery``, ``api_key``."""
+    ``gallery``, ``api_key``, ``bf16`` (true: query encoding under bf16 autocast)."""
     missing = [k for k in ("checkpoint", "gallery") if not args.get(k)]
     if missing:
         raise ValueError(f"the HREM app needs the argument(s) {', '.join(missing)}")
+    bf16 = args.get("bf16", False)
+    if not isinstance(bf16, bool):
+        raise ValueError(f"the HREM app's argument bf16 must be true or false, got {bf16!r}")
     if args.get("api_key"):
         check_api_key(args["api_key"])
     resolve_checkpoints(args["checkpoint"])  # a missing models:/ name fails the deploy here
-    return Retriever.bind(args["checkpoint"], args["gallery"], args.get("api_key"))
+    return Retriever.bind(args["checkpoint"], args["gallery"], args.get("api_key"), bf16)
 
 
 def run_service(
@@ -127,24 +138,29 @@ def run_service(
     host: str = "127.0.0.1",
     port: int = 8000,
     api_key: str | None = None,
+    min_replicas: int = 1,
     max_replicas: int = 2,
     check: bool = True,
     search_params: dict[str, int] | None = None,
     num_gpus: float = 0.0,
+    bf16: bool = False,
 ) -> str:
     """Start the app on the current Ray cluster; returns its URL (it keeps running).
     ``checkpoint``: one, or an ensemble's in the order its gallery was built with.
-    ``check=False``: the caller has already run ``check_served``. ``search_params``
-    (``nprobe``, ``efSearch``) override the gallery's, as the ``user_config`` key.
+    ``min_replicas`` 2 or more: a replica that dies leaves a live one to take over
+    (docs/serving.md). ``check=False``: the caller has already run ``check_served``.
+    ``search_params`` (``nprobe``, ``efSearch``) override the gallery's, as the ``user_config``
+    key.
     ``num_gpus``: each replica's share of a GPU (0.25: four replicas share a card); its towers
-    then run there (``replica_device``)."""
+    then run there (``replica_device``). ``bf16``: the replicas encode under bf16 autocast."""
     checkpoints = checkpoint_list(checkpoint)
     if check:
         check_served(resolve_checkpoints(checkpoints)[0], gallery)  # here, not in a replica
     if api_key:
         check_api_key(api_key)
     serve.start(http_options={"host": host, "port": port, **HTTP_TIMEOUTS})
-    autoscaling = {**AUTOSCALING, "max_replicas": max(max_replicas, AUTOSCALING["min_replicas"])}
+    autoscaling = {**AUTOSCALING, "min_replicas": min_replicas,
+                   "max_replicas": max(max_replicas, min_replicas)}  # fmt: skip
     served = [c if is_model_ref(c) else storage.absolute(c) for c in checkpoints]
     options: dict[str, Any] = {"autoscaling_config": autoscaling}
     if any(map(is_model_ref, served)) and os.environ.get(URI_ENV):  # the replicas' registry
@@ -156,7 +172,7 @@ def run_service(
     if search_params:  # the user_config key, so that a redeploy can change it
         options["user_config"] = {"search_params": search_params}
     app = Retriever.options(**options).bind(
-        served[0] if len(served) == 1 else served, storage.absolute(gallery), api_key
+        served[0] if len(served) == 1 else served, storage.absolute(gallery), api_key, bf16
     )
     serve.run(app, name="hrem", route_prefix="/")
     return f"http://{host}:{port}"

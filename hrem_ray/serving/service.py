@@ -27,6 +27,7 @@ import torch
 from hrem_ray.checkpoint import load_checkpoint, read_record
 from hrem_ray.data.precomp import CAPTIONS_PER_IMAGE
 from hrem_ray.data.tokenize import CaptionTokenizer
+from hrem_ray.devices import check_device
 from hrem_ray.embed import (
     embed_captions,
     embed_features,
@@ -94,6 +95,7 @@ class Member:
 
     checkpoint: str
     device: str
+    bf16: bool = False
     model: Any = field(init=False)
     tokenizer: CaptionTokenizer = field(init=False)
     img_dim: int = field(init=False)
@@ -109,12 +111,12 @@ class Member:
         self.model_id = model_id(ck.model)
 
     def embed_texts(self, queries: list[str]) -> np.ndarray:
-        return embed_captions(
-            self.model, self.tokenizer, queries, batch_size=len(queries), device=self.device
-        )
+        return embed_captions(self.model, self.tokenizer, queries, batch_size=len(queries),
+                              device=self.device, bf16=self.bf16)  # fmt: skip
 
     def embed_image(self, features: np.ndarray) -> np.ndarray:
-        emb = embed_features(self.model, features[None], batch_size=1, device=self.device)[0]
+        emb = embed_features(self.model, features[None], batch_size=1, device=self.device,
+                             bf16=self.bf16)[0]  # fmt: skip
         # Inputs within MAX_FEATURE_ABS keep the model finite; this guards the L2
         # normalisation against overflow all the same (a zero "unit" vector).
         if not np.isfinite(emb).all() or abs(np.linalg.norm(emb.astype(np.float64)) - 1) > 1e-3:
@@ -126,12 +128,14 @@ class Member:
 class Model:
     """The checkpoint(s) and the gallery, swapped as a unit: a query embedded by these models
     searches their gallery. Several checkpoints are an ensemble: a query's embedding is
-    ``ensemble_embedding`` of theirs, in the order the gallery was built with."""
+    ``ensemble_embedding`` of theirs, in the order the gallery was built with. On a GPU the
+    towers run there, and an exact gallery is searched there when it fits (``search_on``)."""
 
     checkpoints: tuple[str, ...]
     gallery_ref: str
     device: str
     registered: tuple[Registered, ...] = ()  # the registry versions the checkpoints came from
+    bf16: bool = False  # the towers under bf16 autocast
     members: list[Member] = field(init=False)
     gallery: Gallery = field(init=False)
     img_dim: int = field(init=False)
@@ -142,11 +146,13 @@ class Model:
         self.checkpoints = checkpoint_list(self.checkpoints)
         self.gallery = Gallery.open(self.gallery_ref)
         check_models(self.gallery, self.gallery_ref, self.checkpoints)  # before loading any
-        self.members = [Member(c, self.device) for c in self.checkpoints]
+        self.members = [Member(c, self.device, self.bf16) for c in self.checkpoints]
         ids = [m.model_id for m in self.members]
         check_models(self.gallery, self.gallery_ref, self.checkpoints, ids)
         if self.gallery.image_index is not None:
             import_faiss().omp_set_num_threads(1)  # one core per replica, as torch
+        elif torch.device(self.device).type != "cpu":  # the CPU keeps the shared memory map
+            log.info("exact gallery searched on %s", self.gallery.search_on(self.device))
         dim = sum(m.embed_dim for m in self.members)
         if self.gallery.manifest["dim"] != dim:
             raise ValueError(
@@ -241,18 +247,20 @@ def _digest(data: bytes) -> str:
 
 class RetrievalService:
     """Towers (one checkpoint's, or an ensemble's) plus a gallery; one per replica (not
-    thread-safe)."""
+    thread-safe). ``device``: where the towers (and an exact gallery that fits) run; ``bf16``:
+    the towers under bf16 autocast (``hrem-ray serve --bf16``)."""
 
     def __init__(
         self,
         checkpoint: str | Path | Sequence[str | Path],
         gallery: str | Path,
         device: str = "cpu",
+        bf16: bool = False,
     ):
         torch.set_num_threads(1)
-        self.device = device
+        self.device, self.bf16 = str(check_device(device)), bf16
         checkpoints, registered = resolve_checkpoints(checkpoint_list(checkpoint))
-        self.current = Model(checkpoints, str(gallery), device, registered)
+        self.current = Model(checkpoints, str(gallery), self.device, registered, bf16)
         self.swap_refused: dict[str, Any] | None = None
 
     def swap(self, checkpoint: str | Path | Sequence[str | Path], gallery: str | Path) -> None:
@@ -263,7 +271,7 @@ class RetrievalService:
         checkpoints, registered = resolve_checkpoints(checkpoint_list(checkpoint))
         if (checkpoints, str(gallery)) == (self.current.checkpoints, self.current.gallery_ref):
             return
-        new = Model(checkpoints, str(gallery), self.device, registered)
+        new = Model(checkpoints, str(gallery), self.device, registered, self.bf16)
         old = self.current
         if (new.img_dim, new.gallery.manifest["dim"]) != (
             old.img_dim,
