@@ -391,8 +391,8 @@ def test_killed_worker_resumes_from_checkpoint(
     load_checkpoint(best)
     # keep_checkpoints=10: a restart from scratch would have left a second epoch-0 folder; an
     # epoch-1 checkpoint the dying group had uploaded, unregistered, may sit beside the new one
-    epochs = _checkpoint_epochs(run)
-    assert epochs.count(0) == 1 and set(epochs) == {0, 1} and len(epochs) <= 3, epochs
+    saved = _checkpoint_epochs(run)
+    assert saved.count(0) == 1 and set(saved) == {0, 1} and len(saved) <= 3, saved
     history = json.loads((run / "metrics.json").read_text())
     assert [row["epoch"] for row in history] == list(range(epochs))
     assert sum(row["steps"] for row in history) == epochs * steps_per_epoch
