@@ -25,8 +25,8 @@ reads. Every non-Flat gallery also keeps its embeddings on disk (memory-mapped) 
 rescoring. HNSW is built on the first ``--hnsw-items`` items only (65 s per 100k x 1024 on
 2 cores, more than linear beyond); its rows give the items. Extra rows give the knobs that
 trade for recall: more IVF lists probed (``--nprobe``), a longer HNSW candidate list
-(``--ef-search``), and ``--refine R``: R index candidates rescored exactly
-(``gallery.search`` with k = R), the best 10 kept.
+(``--ef-search``), and ``--refine R``: a PQ index's R best candidates rescored exactly
+(the gallery's ``refine`` knob), the best 10 kept.
 
 ``--gallery`` instead reads a gallery built by ``hrem-ray index`` from a trained model and
 prints caption-to-image R@1/5/10 (the caption's own image in the top K) through each index
@@ -130,17 +130,19 @@ def index_bytes(index: FaissIndex) -> int:
         return path.stat().st_size
 
 
-def knob_settings(spec: IndexSpec, a: argparse.Namespace) -> list[tuple[str, dict, int]]:
-    """(label, search params, candidates rescored) of each row of one index."""
+def knob_settings(spec: IndexSpec, a: argparse.Namespace) -> list[tuple[str, dict]]:
+    """(label, search params) of each row of one index; a PQ index's plain nprobe rows rank
+    by its codes alone (refine = K)."""
     if spec.nlist:
-        rows = [(f"nprobe {n}", spec.params(n, None), K) for n in a.nprobe]
+        pq = K if spec.pq_centroids else None
+        rows = [(f"nprobe {n}", spec.params(n, None, pq)) for n in a.nprobe]
         if spec.pq_centroids:
-            top = spec.params(max(a.nprobe), None)
-            rows += [(f"nprobe {top['nprobe']}, refine {r}", top, r) for r in a.refine]
+            top = spec.params(max(a.nprobe), None, K)["nprobe"]  # capped at nlist
+            rows += [(f"nprobe {top}, refine {r}", spec.params(top, None, r)) for r in a.refine]
         return rows
     if spec.hnsw:
-        return [(f"efSearch {e}", spec.params(None, e), K) for e in a.ef_search]
-    return [("exact", {}, K)]
+        return [(f"efSearch {e}", spec.params(None, e)) for e in a.ef_search]
+    return [("exact", {})]
 
 
 def measure(name: str, embs: np.ndarray, queries: np.ndarray, nearest: np.ndarray,
@@ -154,12 +156,12 @@ def measure(name: str, embs: np.ndarray, queries: np.ndarray, nearest: np.ndarra
     build = {"build_s": time.perf_counter() - start, "build_cpu_s": time.process_time() - cpu}
     size = store.shape[1] * store.itemsize if index is None else index_bytes(index) / len(embs)
     rows = []
-    for label, params, k in knob_settings(spec, a):
+    for label, params in knob_settings(spec, a):
         if index is not None:
             index.configured(**params)
 
-        def query(q: np.ndarray, k: int = k) -> np.ndarray:
-            return search(q, store, index, k)[0][:, :K]
+        def query(q: np.ndarray) -> np.ndarray:
+            return search(q, store, index, K)[0]
 
         rows.append({"index": name, "items": len(embs), "knobs": label, **build,
                      "bytes_per_item": size, "gb_per_1m": size / 1e3,
@@ -226,8 +228,8 @@ def trained(a: argparse.Namespace) -> dict:
     imgs, caps = np.asarray(g.image_embs, np.float32), np.asarray(g.caption_embs, np.float32)
     truth = np.arange(len(caps)) // CAPTIONS_PER_IMAGE
 
-    def recall(index: FaissIndex | None, k: int = K) -> np.ndarray:
-        top = batched(lambda q: search(q, imgs, index, k)[0][:, :K], caps)
+    def recall(index: FaissIndex | None) -> np.ndarray:
+        top = batched(lambda q: search(q, imgs, index, K)[0], caps)
         return np.array([np.mean((top[:, :r] == truth[:, None]).any(1)) for r in (1, 5, K)])
 
     exact = recall(None)
@@ -240,8 +242,8 @@ def trained(a: argparse.Namespace) -> dict:
     for name in specs(a.gallery_nlist, a.pq)[2:]:
         spec = parse_spec(name, len(imgs), imgs.shape[1])
         index = FaissIndex.train(imgs, spec, spec.params(None, None))
-        for label, params, k in knob_settings(spec, a):
-            got = recall(index.configured(**params), k) / exact
+        for label, params in knob_settings(spec, a):
+            got = recall(index.configured(**params)) / exact
             rows.append({"index": name, "knobs": label, "fraction_of_exact": got.tolist()})
             print(f"| {name} | {label} | " + " | ".join(f"{v:.3f}" for v in got) + " |")
     return {"gallery": str(a.gallery), "ks": [1, 5, K], "exact": exact.tolist(), "rows": rows}

@@ -13,7 +13,7 @@ import sys
 import time
 
 from hrem_ray.errors import one_line
-from hrem_ray.index.faiss_index import DEFAULT_EF_SEARCH, DEFAULT_NPROBE, SPEC_HELP
+from hrem_ray.index.faiss_index import DEFAULT_EF_SEARCH, DEFAULT_NPROBE, DEFAULT_REFINE, SPEC_HELP
 from hrem_ray.options import (
     CLI_FLAGS,
     DATASETS,
@@ -163,14 +163,15 @@ def cmd_index(a: argparse.Namespace) -> None:
         out = build_gallery_distributed(
             checkpoint, a.data_path, a.dataset, a.split, a.out, num_workers=a.num_workers,
             num_gpus=a.num_gpus, dtype=a.dtype, batch_size=a.batch_size, bf16=a.bf16,
-            index=_index_spec(a), nprobe=a.nprobe, ef_search=a.ef_search, progress=_log,
+            index=_index_spec(a), nprobe=a.nprobe, ef_search=a.ef_search, refine=a.refine,
+            progress=_log,
         )  # fmt: skip
         _log(f"wrote {out}")
         return
     out = build_gallery(
         _checkpoints(a, a.checkpoint), a.data_path, a.dataset, a.split, a.out, dtype=a.dtype,
         batch_size=a.batch_size, device=a.device, bf16=a.bf16, index=_index_spec(a),
-        nprobe=a.nprobe, ef_search=a.ef_search, progress=_log,
+        nprobe=a.nprobe, ef_search=a.ef_search, refine=a.refine, progress=_log,
     )  # fmt: skip
     _log(f"wrote {out}")
 
@@ -187,7 +188,7 @@ def _index_spec(a: argparse.Namespace) -> str:
 
 def _search_params(a: argparse.Namespace) -> dict[str, int]:
     """The serve flags that override the gallery's FAISS search knobs."""
-    given = {"nprobe": a.nprobe, "efSearch": a.ef_search}
+    given = {"nprobe": a.nprobe, "efSearch": a.ef_search, "refine": a.refine}
     return {name: value for name, value in given.items() if value is not None}
 
 
@@ -345,6 +346,11 @@ def _add_search_flags(p: argparse.ArgumentParser, default_help: str) -> None:
     p.add_argument(
         "--ef-search", type=int,
         help=f"HNSW candidates per query (default {DEFAULT_EF_SEARCH})" + default_help,
+    )  # fmt: skip
+    p.add_argument(
+        "--refine", type=int,
+        help=f"PQ candidates per query rescored exactly, the best k kept (default "
+        f"{DEFAULT_REFINE})" + default_help,
     )  # fmt: skip
 
 

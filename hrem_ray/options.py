@@ -101,8 +101,9 @@ class FailoverOptions:
         1, "replicas kept however idle; 2 or more: a live replica takes over from a dead one"
     )
     haproxy: bool = option(
-        False, "HAProxy in place of Serve's proxy: a request whose replica died is sent to "
-        "another one (only on the Ray that serve starts; a running cluster: ray start's env)",
+        False, "HAProxy in place of Serve's proxy: a request whose replica died before answering "
+        "is sent to another one (only on the Ray that serve starts; on a running cluster: ray "
+        "start's env)",
     )  # fmt: skip
 
 

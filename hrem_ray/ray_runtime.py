@@ -37,7 +37,7 @@ ENV_DEFAULTS = {**RAY_ENV_DEFAULTS, **OFFLINE_ENV}
 # processes starts: they must be in the environment of the process that starts Ray.
 HAPROXY_ENV = {
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
-    "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response",
+    "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response junk-response",
     "RAY_SERVE_HAPROXY_RETRIES": "3",
 }
 # HAProxy mode's own listeners, by default fixed ports (8404, 9101, 8500) that a second service

@@ -10,13 +10,14 @@ MLflow is imported lazily: the command line starts without it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import platform
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from typing import Any
 from hrem_ray import storage
 
 URI_ENV = "MLFLOW_TRACKING_URI"
+REGISTRY_ENV = "MLFLOW_REGISTRY_URI"
 EXPERIMENT = "hrem"  # the default experiment of runs and sweeps
 RUN_FILE = "mlflow_run.json"  # <run>/: the tracking URI and run id a resumed run reattaches to
 STORE_FILE = "mlflow.db"
@@ -48,6 +50,22 @@ def quiet() -> None:
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+@contextlib.contextmanager
+def own_uri_env() -> Iterator[None]:
+    """Undo MLflow's ``set_tracking_uri``/``set_registry_uri`` side effect on the process
+    environment (Ray's ``MLflowLoggerCallback`` calls them): left set, it would send every
+    later run of this process to that store, whatever its ``--storage-path``."""
+    saved = {key: os.environ.get(key) for key in (URI_ENV, REGISTRY_ENV)}
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def resolve_uri(uri: str | None, storage_path: str) -> str:

@@ -1,6 +1,6 @@
 """The README's paths from object storage through a proxy that resets, stalls and throttles
 (hrem_ray.testing.s3proxy): ``hrem-ray shard`` to S3, ``check-data``, a Ray Train run from the
-S3 shards with the run in S3, ``eval`` of the printed URI, a
+S3 shards with the run in S3 (a worker killed on the way), ``eval`` of the printed URI, a
 2-trial sweep in S3, and serving from S3 with a swap. With faults each must end as it does
 without them: the same weights, bit for bit (the data path does not depend on timing), and
 the same dev rsum; the faults must have happened and been retried."""
@@ -28,10 +28,12 @@ from hrem_ray.train.ray_train import train_ray
 from hrem_ray.tune.space import parse_space
 from hrem_ray.tune.sweep import run_sweep
 from tests.conftest import S3_BUCKET
+from tests.helpers import WorkerKiller
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 FAULTS = dict(reset=0.05, delay=0.05, http503=0.05)
 RUNS = f"s3://{S3_BUCKET}/chaos-runs"
+SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's: a checkpoint is registered
 
 
 @pytest.fixture(scope="module")
@@ -53,9 +55,9 @@ def proxy(s3_server, tmp_path_factory):
             ray.shutdown()
 
 
-def _train(cfg, name: str) -> tuple[str, float]:
-    options = RayRunOptions(storage_path=RUNS, name=name, num_workers=1, cpus_per_worker=0.5,
-                            max_failures=0)  # fmt: skip
+def _train(cfg, name: str, max_failures: int = 0) -> tuple[str, float]:
+    options = RayRunOptions(storage_path=RUNS, name=name, num_workers=1,
+                            cpus_per_worker=0.5, max_failures=max_failures)  # fmt: skip
     start = time.monotonic()
     best = train_ray(cfg, options, log=lambda _: None)
     return best, time.monotonic() - start
@@ -84,11 +86,22 @@ def world(proxy, tmp_path_factory, tiny_bert) -> dict:
 
 
 @pytest.mark.timeout(900)
-def test_shard_check_train_eval_survive_faults(proxy, world, tmp_path, capsys):
-    """Training from the S3 shards with the run in S3, under faults: the faults restart
-    nothing (max_failures=0), and the weights equal, bit for bit, those of the same run
-    without faults."""
-    faulty, faulty_s = _train(world["cfg"], "faulty")
+def test_shard_check_train_eval_survive_faults(proxy, world, s3_server, tmp_path, capsys):
+    """Training from the S3 shards with the run in S3, under faults and with a worker
+    SIGKILLed once the first checkpoint is registered: the faults restart nothing (one
+    worker group before the kill, one after), the run resumes from that checkpoint, and
+    its weights equal, bit for bit, those of the same run without faults or kill."""
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=s3_server)  # past the proxy: polling adds no faults
+    key = f"{RUNS.removeprefix(f's3://{S3_BUCKET}/')}/faulty/{SNAPSHOT}"
+    killer = WorkerKiller(lambda: s3.list_objects_v2(Bucket=S3_BUCKET, Prefix=key)["KeyCount"] > 0,
+                          workers=1, timeout=600)  # fmt: skip
+    killer.start()
+    try:
+        faulty, faulty_s = _train(world["cfg"], "faulty", max_failures=1)
+    finally:
+        killer.stop()
     out = tmp_path / "eval.json"
     main(["eval", "--checkpoint", faulty, "--data-path", world["uri"], "--dataset", "f30k",
           "--split", "dev", "--json", str(out)])  # fmt: skip
@@ -101,10 +114,12 @@ def test_shard_check_train_eval_survive_faults(proxy, world, tmp_path, capsys):
     finally:
         proxy.set_rates(**FAULTS)
     world["clean"]["weights"] = _weights_sha(clean)
-    print(f"\nfaults {injected}; train {faulty_s:.0f} s with faults, "
+    print(f"\nfaults {injected}; train {faulty_s:.0f} s with faults and a worker killed, "
           f"{clean_s:.0f} s without; {err.count('retrying')} retries printed")  # fmt: skip
     assert injected["resets"] > 0 and injected["delays"] > 0 and injected["http503"] > 0
     assert "Traceback" not in err
+    assert killer.error is None, killer.error
+    assert len(killer.groups) == 2, killer.groups  # the kill's restart, and no other
     history = json.loads(storage.read_text(f"{RUNS}/faulty/metrics.json"))
     assert [row["epoch"] for row in history] == [0, 1]  # each epoch recorded once
     assert _weights_sha(faulty) == world["clean"]["weights"]

@@ -221,6 +221,26 @@ def test_torn_read_is_fetched_again(moto, tmp_path, monkeypatch, capsys):
     assert "gallery/big.bin: differs from its marker, fetching it again" in capsys.readouterr().err
 
 
+def test_a_ray_checkpoint_is_restored_through_faults(moto, monkeypatch, capsys):
+    """A restarted worker group restores the checkpoint Ray persisted (no marker: sizes are
+    checked) through storage's retries; Ray's own ``as_directory()`` retries nothing."""
+    from ray.train import Checkpoint
+
+    from hrem_ray.train.ray_train import fetched
+
+    files = {"model.safetensors": os.urandom(2 * MB), "train_state.json": b'{"epoch": 0}'}
+    with FaultProxy(*moto, seed=9) as proxy:
+        run = storage.join(through(proxy, monkeypatch), "run")
+        for rel, data in files.items():
+            storage.write_bytes(storage.join(run, "checkpoint_000000", rel), data)
+        proxy.set_rates(reset=0.5)
+        fs, inner = storage.filesystem(run)
+        local = fetched(run, Checkpoint(f"{inner}/checkpoint_000000", fs))
+        assert {rel: (local / rel).read_bytes() for rel in files} == files
+        assert proxy.report()["resets_down"]
+    retries(capsys.readouterr().err)
+
+
 def test_proxy_as_a_process(moto, tmp_path, monkeypatch):
     """``python -m hrem_ray.testing.s3proxy`` forwards, counts, and reports on SIGTERM."""
     port = free_port()
@@ -257,6 +277,8 @@ AWS = "When reading information for key 'x' in bucket 'b': AWS Error {} during H
         ("UNKNOWN (HTTP status 502)", False, "HTTP 502"),
         ("SLOW_DOWN", False, "HTTP 503 (slow down)"),
         ("INTERNAL_FAILURE", False, "HTTP 500"),
+        ("INTERNAL_FAILURE during GetObject operation: Failed to flush response stream", False,
+         "HTTP 500"),  # a reset while Ray restored a checkpoint (docs/cluster.md)
         ("NETWORK_CONNECTION curlCode: 7, Could not connect to server", False, None),
         ("NETWORK_CONNECTION curlCode: 7, Could not connect to server", True, "cannot connect"),
         ("ACCESS_DENIED", True, None),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,13 @@ import numpy as np
 import pytest
 
 from hrem_ray.cli import main
-from hrem_ray.index.faiss_index import RECALL_QUERIES, IndexSpec, parse_spec, recall_sample
+from hrem_ray.index.faiss_index import (
+    DEFAULT_REFINE,
+    RECALL_QUERIES,
+    IndexSpec,
+    parse_spec,
+    recall_sample,
+)
 from hrem_ray.index.gallery import Gallery, write_gallery
 from hrem_ray.serving.service import RetrievalService
 from hrem_ray.testing import tiny_data_and_checkpoint
@@ -106,6 +113,33 @@ def test_status_shows_the_index_and_the_knobs_in_force(world):
     assert svc.set_search_params({}) == built["params"]  # back to the gallery's own
 
 
+def test_refine_rescores_the_best_pq_candidates(world, tmp_path):
+    """A PQ index hands its ``refine`` best candidates to the exact rescoring: all of them
+    (every list probed) is exact search's answer; k of them ranks by the codes alone."""
+    import json
+
+    svc = RetrievalService(world["ckpt"], world["galleries"]["IVF8,PQ8x4"])
+    assert svc.gallery.search_params == {"nprobe": 8, "refine": DEFAULT_REFINE}
+    queries = svc.embed_texts(world["texts"][:20])
+    truth = np.argsort(-(queries @ world["images"].T), axis=1, kind="stable")[:, :10]
+    overlap = {}
+    for refine in (10, N_IMAGES):
+        assert svc.set_search_params({"refine": refine}) == {"nprobe": 8, "refine": refine}
+        ids = [[h.id for h in svc.images_for(q, 10)] for q in queries]
+        overlap[refine] = np.mean([len(set(a) & set(t)) for a, t in zip(ids, truth, strict=True)])
+    assert overlap[N_IMAGES] == 10 and overlap[10] < 10, overlap
+    # a knob for another kind of index is refused, and the knobs in force stay
+    flat = RetrievalService(world["ckpt"], world["galleries"]["IVF8,Flat"])
+    assert flat.set_search_params({"refine": 50}) == {"nprobe": 8}
+    # a PQ gallery written before --refine (no refine saved) opens with the default
+    old = tmp_path / "old"
+    shutil.copytree(world["galleries"]["IVF8,PQ8x4"], old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["index"]["params"]["refine"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    assert Gallery.open(old).search_params == {"nprobe": 8, "refine": DEFAULT_REFINE}
+
+
 def test_manifest_recall_is_cross_modal(world, tmp_path):
     args = (world["images"], world["captions"], world["texts"], {})
     write_gallery(tmp_path / "p1", *args, index="IVF16,Flat", nprobe=1)
@@ -160,6 +194,8 @@ def test_cli_index_spec_and_knob_errors(world, tmp_path, capsys):
         (["--index", "HNSW4", "--nprobe", "4"], "--nprobe applies to IVF indexes, not HNSW4"),
         (["--index", "IVF2,Flat", "--ivf", "2"], "give --index or its short form --ivf"),
         (["--ef-search", "8"], "--ef-search applies to HNSW indexes, not Flat"),
+        (["--index", "HNSW4", "--refine", "8"], "--refine applies to PQ indexes, not HNSW4"),
+        (["--index", "IVF2,PQ8x2", "--refine", "0"], "--refine must be a positive integer"),
     ):
         line = run_err(capsys, *common, *flags)
         assert message in line, line

@@ -4,6 +4,7 @@ unreachable server as a one-line error before Ray starts."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,23 @@ def test_the_store_of_runs_in_object_storage_is_in_hrem_ray_home(monkeypatch, tm
     monkeypatch.setenv(tracking.URI_ENV, "http://127.0.0.1:5000")
     assert tracking.resolve_uri(None, "s3://b/runs") == "http://127.0.0.1:5000"
     assert tracking.resolve_uri("http://h:1", "s3://b/runs") == "http://h:1"
+
+
+def test_a_sweep_leaves_the_process_tracking_uri_as_it_was(monkeypatch, tmp_path):
+    """Ray's MLflow callback sets MLFLOW_TRACKING_URI in the driver as a side effect; left
+    there, every later run of the process would be tracked in the first sweep's store."""
+    from hrem_ray.tune.sweep import TrialRuns
+
+    monkeypatch.delenv(tracking.URI_ENV, raising=False)
+    uri = f"sqlite:///{tmp_path / 'sweep' / tracking.STORE_FILE}"
+    tracking.check_reachable(uri)
+    TrialRuns(uri, parent_id="0" * 32, epochs=2).setup()
+    assert MlflowClient(uri).get_experiment_by_name(tracking.EXPERIMENT) is not None
+    assert tracking.URI_ENV not in os.environ
+    assert tracking.resolve_uri(None, str(tmp_path)) == f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv(tracking.URI_ENV, "http://127.0.0.1:5000")
+    TrialRuns(uri, parent_id="0" * 32, epochs=2).setup()
+    assert os.environ[tracking.URI_ENV] == "http://127.0.0.1:5000"
 
 
 def draws(space_file: str, seed: int | None, n: int = 4) -> list[dict]:

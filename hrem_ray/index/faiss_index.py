@@ -5,7 +5,8 @@ A gallery's index is named by a FAISS factory string (``hrem-ray index --index S
 - ``Flat``: exact search over the stored embeddings (numpy, no FAISS file); with
   ``--dtype float16`` the stored embeddings take half the bytes;
 - ``IVF<nlist>,Flat``: k-means lists holding the float32 vectors (``--ivf N`` is short for it);
-- ``IVF<nlist>,PQ<m>[x<bits>]``: lists of product-quantised codes, m bytes an item at 8 bits;
+- ``IVF<nlist>,PQ<m>[x<bits>]``: lists of product-quantised codes, m bytes an item at 8 bits,
+  whose ``refine`` best candidates per query are rescored exactly (``gallery.search``);
 - ``OPQ<m>,IVF<nlist>,PQ<m>[x<bits>]``: the same after a learned rotation (OPQ);
 - ``HNSW<M>``: a graph of M neighbours per item over the float32 vectors, no training.
 
@@ -26,6 +27,10 @@ import numpy as np
 FLAT = "Flat"
 DEFAULT_NPROBE = 16  # IVF lists searched per query unless --nprobe says otherwise
 DEFAULT_EF_SEARCH = 64  # HNSW candidate list per query unless --ef-search says otherwise
+# PQ candidates per query rescored exactly against the stored embeddings unless --refine says
+# otherwise: PQ codes alone rank poorly (docs/serving.md, "Choosing an index")
+DEFAULT_REFINE = 100
+REFINE = "refine"  # the one search knob applied here, not by FAISS
 RECALL_KS = (1, 5, 10)
 RECALL_QUERIES = 1000  # queries sampled (seeded) to measure recall at build time
 TRAIN_PER_CENTROID = 39  # FAISS's own minimum for k-means without a warning
@@ -65,15 +70,23 @@ class IndexSpec:
     def is_flat(self) -> bool:
         return self.spec == FLAT
 
-    def params(self, nprobe: int | None, ef_search: int | None) -> dict[str, int]:
-        """The search knobs this index takes (``nprobe`` capped at nlist), with defaults; a
-        knob given for an index that does not take it is an error."""
+    def params(
+        self, nprobe: int | None, ef_search: int | None, refine: int | None = None
+    ) -> dict[str, int]:
+        """The search knobs this index takes (``nprobe`` capped at nlist; ``refine``, the
+        candidates rescored per query, for PQ), with defaults; a knob given for an index that
+        does not take it is an error."""
         if nprobe is not None and not self.nlist:
             raise ValueError(f"--nprobe applies to IVF indexes, not {self.spec}")
         if ef_search is not None and not self.hnsw:
             raise ValueError(f"--ef-search applies to HNSW indexes, not {self.spec}")
+        if refine is not None and not self.pq_centroids:
+            raise ValueError(f"--refine applies to PQ indexes, not {self.spec}")
         if self.nlist:
-            return {"nprobe": min(_positive("--nprobe", _or(nprobe, DEFAULT_NPROBE)), self.nlist)}
+            knobs = {"nprobe": min(_positive("--nprobe", _or(nprobe, DEFAULT_NPROBE)), self.nlist)}
+            if self.pq_centroids:
+                knobs[REFINE] = _positive("--refine", _or(refine, DEFAULT_REFINE))
+            return knobs
         if self.hnsw:
             return {"efSearch": _positive("--ef-search", _or(ef_search, DEFAULT_EF_SEARCH))}
         return {}
@@ -164,8 +177,13 @@ class FaissIndex:
         self.params = {**self.params, **params}
         space = import_faiss().ParameterSpace()
         for name, value in self.params.items():
-            space.set_index_parameter(self.index, name, int(value))
+            if name != REFINE:
+                space.set_index_parameter(self.index, name, int(value))
         return self
+
+    def candidates(self, k: int) -> int:
+        """How many candidates to fetch for a top-``k`` search: ``refine`` (PQ) or ``k``."""
+        return max(k, self.params.get(REFINE, 0))
 
     def write(self, path: Path) -> None:
         import_faiss().write_index(self.index, str(path))

@@ -49,6 +49,7 @@ from hrem_ray.errors import one_line
 from hrem_ray.index.faiss_index import (
     FLAT,
     RECALL_KS,
+    REFINE,
     FaissIndex,
     IndexSpec,
     import_faiss,
@@ -88,6 +89,7 @@ def build_gallery(
     index: str = FLAT,
     nprobe: int | None = None,
     ef_search: int | None = None,
+    refine: int | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> Path | str:
     """Encode every image and caption of a precomp split with a checkpoint, or with several
@@ -104,7 +106,7 @@ def build_gallery(
     check_batch_size(batch_size)  # before minutes of loading, not as a range() error
     storage.check_access(out)
     data = open_precomp(data_path, dataset, split)
-    check_index_options(dtype, index, nprobe, ef_search, data.n_images)  # before encoding
+    check_index_options(dtype, index, nprobe, ef_search, data.n_images, refine=refine)
     for path in checkpoints:  # every one, before the first is encoded
         read_record(path)
     image_parts, caption_parts, models = [], [], []
@@ -126,7 +128,7 @@ def build_gallery(
     meta.update({"dataset": dataset, "split": split})
     return write_gallery(out, ensemble_embedding(image_parts), ensemble_embedding(caption_parts),
                          data.captions, meta, dtype=dtype, index=index, nprobe=nprobe,
-                         ef_search=ef_search, progress=progress)  # fmt: skip
+                         ef_search=ef_search, refine=refine, progress=progress)  # fmt: skip
 
 
 def write_gallery(
@@ -140,6 +142,7 @@ def write_gallery(
     index: str = FLAT,
     nprobe: int | None = None,
     ef_search: int | None = None,
+    refine: int | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> Path | str:
     """Write a gallery folder (or URI) atomically from L2-normalised embeddings (caption i of
@@ -152,7 +155,7 @@ def write_gallery(
     bytes per item and the training sample's size, and through ``progress``.
     """
     spec, params = check_index_options(dtype, index, nprobe, ef_search, len(image_embs),
-                                       int(image_embs.shape[1]))  # fmt: skip
+                                       int(image_embs.shape[1]), refine=refine)  # fmt: skip
     imgs, caps = image_embs.astype(dtype), caption_embs.astype(dtype)
     caption_ids = np.arange(len(caps), dtype=np.int64)
     table = pa.table(
@@ -216,6 +219,8 @@ def check_index_options(
     ef_search: int | None,
     n_images: int,
     dim: int | None = None,
+    *,
+    refine: int | None = None,
 ) -> tuple[IndexSpec, dict[str, int]]:
     """Refuse bad settings (and FAISS without faiss) before any encoding; return the parsed
     spec and its search knobs. ``dim`` None (not known before encoding) skips the PQ check
@@ -223,7 +228,7 @@ def check_index_options(
     if dtype not in ("float32", "float16"):
         raise ValueError(f"dtype must be float32 or float16, got {dtype!r}")
     spec = parse_spec(index, n_images, dim if dim is not None else 0)
-    params = spec.params(nprobe, ef_search)
+    params = spec.params(nprobe, ef_search, refine)
     if not spec.is_flat:
         import_faiss()
     return spec, params
@@ -264,20 +269,23 @@ def search(
 
     A query for which the index finds fewer than k vectors (too few in the probed IVF lists)
     is answered exactly instead, so every index keeps the exact path's contract:
-    min(k, len(embs)) real ids per query. The index's k candidates are rescored exactly
-    against the stored embeddings (k rows read per query), so scores are true cosines and
-    the order theirs, whatever the index's codes lose (PQ).
+    min(k, len(embs)) real ids per query. The index's candidates (``index.candidates(k)``:
+    k, or a PQ index's ``refine``) are rescored exactly against the stored embeddings (one
+    row read each), so scores are true cosines and the order theirs, whatever the index's
+    codes lose (PQ); the best k are kept.
     """
     if index is None:
         return top_k(scores(queries, embs), k)
     k = min(check_k(k), len(embs))
     q = np.asarray(queries, np.float32)
     flat = q.reshape(-1, q.shape[-1])
-    ids, _ = index.search(flat, k)
-    found = (ids >= 0).all(axis=1)
-    vals = np.zeros(ids.shape, np.float32)
+    cand, _ = index.search(flat, min(index.candidates(k), len(embs)))
+    found = (cand >= 0).sum(axis=1) >= k
+    ids = np.zeros((len(flat), k), np.int64)
+    vals = np.zeros((len(flat), k), np.float32)
     if found.any():
-        ids[found], vals[found] = rescore(flat[found], embs, ids[found])
+        best, best_vals = rescore(flat[found], embs, cand[found])
+        ids[found], vals[found] = best[:, :k], best_vals[:, :k]
     short = ~found
     if short.any():
         ids[short], vals[short] = top_k(scores(flat[short], embs), k)
@@ -386,15 +394,16 @@ class Gallery:
         return dict(self.image_index.params) if self.image_index is not None else {}
 
     def set_search_params(self, **params: int) -> dict[str, int]:
-        """Change the FAISS knobs (``nprobe``, ``efSearch``) of both indexes in place, for
-        this process; a knob the index does not take is an error. Returns the knobs now."""
+        """Change the search knobs (``nprobe``, ``efSearch``, ``refine``) of both indexes in
+        place, for this process; a knob the index does not take is an error. Returns the knobs
+        now."""
         spec = parse_spec(self.index_info["spec"], self.n_images, int(self.image_embs.shape[1]))
         known = spec.params(None, None)
         unknown = sorted(set(params) - set(known))
         if unknown:
             raise ValueError(f"index {spec.spec} takes the search parameters {sorted(known)}, "
                              f"not {unknown}")  # fmt: skip
-        now = spec.params(params.get("nprobe"), params.get("efSearch"))
+        now = spec.params(params.get("nprobe"), params.get("efSearch"), params.get(REFINE))
         now = {name: now[name] for name in params}
         for index in (self.image_index, self.caption_index):
             if index is not None:
@@ -490,9 +499,10 @@ def _open_indexes(
     try:  # ValueError: faiss missing or bad settings; RuntimeError: faiss's own errors
         spec = parse_spec(info["spec"], len(imgs), imgs.shape[1])
         params, saved = spec.params(None, None), info["params"]
-        if set(saved) != set(params):
+        # a PQ gallery built before --refine saved none: the default applies
+        if not set(params) - {REFINE} <= set(saved) <= set(params):
             raise ValueError(f"search parameters {sorted(saved)}, want {sorted(params)}")
-        params = spec.params(saved.get("nprobe"), saved.get("efSearch"))
+        params = spec.params(saved.get("nprobe"), saved.get("efSearch"), saved.get(REFINE))
         indexes = [FaissIndex.read(path / name, params) for name in (IMAGE_INDEX, CAPTION_INDEX)]
         found = [(x.index.ntotal, x.index.d, _nlist(x.index)) for x in indexes]
     except (ValueError, RuntimeError, KeyError, TypeError, AttributeError) as e:
@@ -518,9 +528,11 @@ def _nlist(index: Any) -> int:
 def rescore(
     queries: np.ndarray, embs: np.ndarray, ids: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """[n, k] candidate ``ids`` per query, ordered by their exact scores, and those scores."""
-    rows = np.asarray(embs[ids.ravel()], np.float32).reshape(*ids.shape, -1)
-    vals = np.einsum("nd,nkd->nk", queries, rows)
+    """[n, c] candidate ``ids`` per query, ordered by their exact scores, and those scores;
+    the index's -1 (no candidate) sorts last, at -inf."""
+    real = ids >= 0
+    rows = np.asarray(embs[np.where(real, ids, 0).ravel()], np.float32).reshape(*ids.shape, -1)
+    vals = np.where(real, np.einsum("nd,nkd->nk", queries, rows), -np.inf)
     order = np.argsort(-vals, axis=-1, kind="stable")
     return np.take_along_axis(ids, order, -1), np.take_along_axis(vals, order, -1)
 

@@ -78,7 +78,7 @@ class Retriever(RetrievalService):
     def reconfigure(self, config: dict[str, Any]) -> None:
         """user_config: {checkpoint (one, or a list for an ensemble; paths, URIs or
         ``models:/`` references, resolved anew), gallery, max_batch_size, batch_wait_timeout_s,
-        search_params ({nprobe} or {efSearch} over the gallery's, set on the loaded index
+        search_params ({nprobe}, {efSearch} or {refine} over the gallery's, set on the loaded index
         without reloading anything)}.
         A swap into a serving replica that fails keeps the running model (``try_swap``):
         Serve stops a replica whose reconfigure raises, so a bad swap would take down the
@@ -149,8 +149,8 @@ def run_service(
     ``checkpoint``: one, or an ensemble's in the order its gallery was built with.
     ``min_replicas`` 2 or more: a replica that dies leaves a live one to take over
     (docs/serving.md). ``check=False``: the caller has already run ``check_served``.
-    ``search_params`` (``nprobe``, ``efSearch``) override the gallery's, as the ``user_config``
-    key.
+    ``search_params`` (``nprobe``, ``efSearch``, ``refine``) override the gallery's, as the
+    ``user_config`` key.
     ``num_gpus``: each replica's share of a GPU (0.25: four replicas share a card); its towers
     then run there (``replica_device``). ``bf16``: the replicas encode under bf16 autocast."""
     checkpoints = checkpoint_list(checkpoint)

@@ -301,9 +301,10 @@ class RetrievalService:
         return True
 
     def set_search_params(self, params: dict[str, int]) -> dict[str, int]:
-        """The FAISS knobs (``nprobe``, ``efSearch``) to search with: ``params`` over the
-        gallery's own, set on the loaded index (nothing reloads); returns those in force. Knobs
-        the index does not take are logged and ignored, as a refused swap: never a stop."""
+        """The search knobs (``nprobe``, ``efSearch``, ``refine``) to search with: ``params``
+        over the gallery's own, set on the loaded index (nothing reloads); returns those in
+        force. Knobs the index does not take are logged and ignored, as a refused swap: never
+        a stop."""
         gallery = self.current.gallery
         try:
             return gallery.set_search_params(**{**gallery.index_info["params"], **params})

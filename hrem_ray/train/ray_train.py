@@ -9,7 +9,6 @@ iteration).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import tempfile
@@ -64,6 +63,14 @@ def _broadcast(obj: Any) -> Any:
     return box[0]
 
 
+def fetched(run: str, checkpoint: Checkpoint) -> Path:
+    """A local folder with ``checkpoint``, one Ray persisted under the run ``run``, fetched
+    through ``storage``'s retries: Ray's own ``as_directory()`` does not retry a transient
+    fault, so one reset connection while a restarted worker group restores would end the run
+    (docs/cluster.md, "Reliability")."""
+    return storage.fetch_dir(storage.join(run, os.path.basename(checkpoint.path)), "checkpoint")
+
+
 def train_worker(config: dict[str, Any]) -> None:
     """The per-worker function given to ``TorchTrainer``."""
     cfg = HREMConfig.from_dict(config["hrem"])
@@ -76,8 +83,8 @@ def train_worker(config: dict[str, Any]) -> None:
     train = open_source(data.data_path, data.dataset, data.train_split, data.cache_limit)
     if checkpoint is None:  # shards download while the model is built (a resumed run: later)
         train.prefetch(seed=cfg.train.seed, epoch=0)
-    with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as resume_from:
-        trainee = build_trainee(cfg, device, resume_from)
+    resume_from = fetched(config["run"], checkpoint) if checkpoint else None
+    trainee = build_trainee(cfg, device, resume_from)
     wrapped = trainee.model
     if workers > 1:
         ids = [device.index] if device.type == "cuda" else None
@@ -137,7 +144,12 @@ def build_trainer(
     storage_path, storage_filesystem = storage.ray_storage(options.storage_path)
     return TorchTrainer(
         train_worker,
-        train_loop_config={"hrem": cfg.to_dict(), "log": log, "live": live},
+        train_loop_config={
+            "hrem": cfg.to_dict(),
+            "log": log,
+            "live": live,
+            "run": run_path(options.storage_path, options.name),
+        },  # fmt: skip
         scaling_config=ScalingConfig(
             num_workers=options.num_workers,
             use_gpu=options.use_gpu,
@@ -209,7 +221,7 @@ def train_ray(
         live.finish(None, [], "FAILED")
         raise
     log(f"best dev {METRIC} {metrics[METRIC]:.2f} at epoch {int(metrics['epoch']) + 1}")
-    latest = storage.fetch_dir(storage.join(path, os.path.basename(result.checkpoint.path)))
+    latest = fetched(path, result.checkpoint)
     files = write_history(load_train_state(latest)["state"]["history"], path)
     best_copy = copy_checkpoint(storage.join(path, os.path.basename(best.path)),
                                 storage.join(path, "best"))  # fmt: skip

@@ -151,7 +151,8 @@ class TrialRuns(tune.Callback):
         )  # fmt: skip
 
     def setup(self, **info) -> None:
-        self.mlflow.setup(**info)
+        with tracking.own_uri_env():
+            self.mlflow.setup(**info)
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         self.mlflow.on_trial_start(iteration, trials, trial, **info)
